@@ -1,0 +1,433 @@
+"""The Vision Hopfield Memory Network (V-HMN) backbone.
+
+    image (B, 3, H, W)
+      └─ patch embedding (conv p×p, stride p) ─► tokens z (B, L, d) on an h×w grid
+      └─ stages of HMN blocks (patch merging 2×2 between stages when there are several):
+             z = z + MemoryMixer(LN(z))       # memory paths + predictive-coding refinement
+             z = z + MLP(LN(z))
+      └─ head: LN → mean over tokens → Linear ─► logits (B, num_classes)
+
+MemoryMixer, for the normalised tokens u = LN(z):
+    prediction m(s) = fuse( LocalHopfield(s), GlobalHopfield(mean_L s) )
+    output          = predictive_coding_refine(u, m, refine_rate, refine_steps)
+
+What the paper states and what we chose is listed in the book ("What the paper says and what we
+chose"); every alternative there is a field of :class:`VHMNConfig`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, Mlp
+from torch import Tensor
+
+from .functional import predictive_coding_refine
+from .memory import HopfieldRetrieval, make_memory
+
+__all__ = ["VHMNConfig", "VHMN", "LocalHopfield", "GlobalHopfield", "MemoryMixer", "HMNBlock"]
+
+
+@dataclass
+class VHMNConfig:
+    # input / output
+    img_size: int = 32
+    in_chans: int = 3
+    num_classes: int = 10
+    # layout: one stage = isotropic (ViT-like); several = staged with 2×2 patch merging (Swin-like)
+    patch_size: int = 4
+    dims: tuple[int, ...] = (192,)
+    depths: tuple[int, ...] = (6,)
+    head_dim: int = 32  # heads per block = dim // head_dim
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+    # memory
+    memory: str = "episodic"  # 'episodic' (ring buffer of detached features) | 'learned' (parameters)
+    local_memory: bool = True
+    global_memory: bool = True
+    local_mode: str = "bank"  # 'bank': retrieve from patch prototypes | 'window': the k×k neighbours are the memory
+    kernel_size: int = 3  # k of the k×k neighbourhood
+    local_slots: int = 512
+    global_slots: int = 256
+    local_writes: int = 64  # features each local bank writes per training step
+    global_class_balanced: bool = False
+    global_mod: str = "add"  # 'add' | 'film' (scale and shift)
+    fusion: str = "sum"  # 'sum' | 'concat' (concat + linear); only with global_mod='add'
+    inv_temp: float | None = None  # Hopfield inverse temperature β_H; None → 1/√head_dim
+    # predictive-coding refinement
+    refine_steps: int = 2  # T; 0 = feed-forward (one retrieval)
+    refine_rate: float = 0.5  # β of z ← z + β(m − z)
+    # head
+    pool: str = "mean"  # 'mean' | 'attn' (attention pooling with a learned query)
+    fast: bool = True  # fused attention kernels; False = explicit reference path
+
+    def __post_init__(self):
+        self.dims, self.depths = tuple(self.dims), tuple(self.depths)
+        choices = {
+            "memory": ("episodic", "learned"),
+            "local_mode": ("bank", "window"),
+            "global_mod": ("add", "film"),
+            "fusion": ("sum", "concat"),
+            "pool": ("mean", "attn"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"VHMNConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if len(self.dims) != len(self.depths) or not self.dims:
+            raise ValueError(f"dims {self.dims} and depths {self.depths} must be non-empty and of equal length")
+        for d in self.dims:
+            if d % self.head_dim:
+                raise ValueError(f"every dim must be divisible by head_dim={self.head_dim}; got dims {self.dims}")
+        if not (self.local_memory or self.global_memory):
+            raise ValueError("at least one of local_memory and global_memory must be on")
+        if self.fusion == "concat" and self.global_mod != "add":
+            raise ValueError("fusion='concat' combines additive global retrievals; use global_mod='add'")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.refine_steps < 0 or not 0 < self.refine_rate <= 1:
+            raise ValueError(f"need refine_steps ≥ 0 and 0 < refine_rate ≤ 1; got {self.refine_steps}, {self.refine_rate}")
+        grid = self.img_size // self.patch_size
+        if self.img_size % self.patch_size or grid % (2 ** (len(self.dims) - 1)):
+            raise ValueError(
+                f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}, and the "
+                f"{grid}×{grid} grid by 2^(stages−1) = {2 ** (len(self.dims) - 1)}"
+            )
+
+    @property
+    def layout(self) -> str:
+        return "isotropic" if len(self.dims) == 1 else "staged"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VHMNConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown VHMNConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class LocalHopfield(nn.Module):
+    """Patch-level associative memory over k×k neighbourhoods.
+
+    'bank':   a depthwise k×k convolution turns each token's neighbourhood into a descriptor
+              h (B, L, d); h is the state pattern that retrieves from a bank of patch prototypes
+              (stored patterns are such descriptors, written from training images).
+    'window': the k×k neighbours themselves are the stored patterns (windowed attention).
+    """
+
+    def __init__(self, dim: int, cfg: VHMNConfig):
+        super().__init__()
+        k = cfg.kernel_size
+        self.mode, self.k, self.fast = cfg.local_mode, k, cfg.fast
+        self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp)
+        if self.mode == "bank":
+            self.neigh = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
+            self.memory = make_memory(cfg.memory, cfg.local_slots, dim)
+            self.writes = cfg.local_writes
+
+    def descriptor(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
+        """(B, L, d) → (B, L, d): each token's k×k neighbourhood through a depthwise conv."""
+        x = rearrange(s, "b (h w) d -> b d h w", h=hw[0])
+        return rearrange(self.neigh(x), "b d h w -> b (h w) d")
+
+    def project_memory(self):
+        return self.retrieval.project_memory(self.memory.patterns()) if self.mode == "bank" else None
+
+    def forward(self, s: Tensor, hw: tuple[int, int], kv) -> Tensor:
+        if self.mode == "bank":
+            return self.retrieval(self.descriptor(s, hw), kv, fast=self.fast)
+        return self._window(s, hw)
+
+    def _window(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
+        r, (H, W), k = self.retrieval, hw, self.k
+        B = s.shape[0]
+        q = rearrange(r.q(s), "b l (h e) -> (b l) h 1 e", h=r.heads)
+
+        def neighbours(t: Tensor) -> Tensor:  # (B, L, d) → (B·L, heads, k², e), zero-padded
+            t = F.unfold(rearrange(t, "b (y x) d -> b d y x", y=H), k, padding=k // 2)  # (B, d·k², L)
+            return rearrange(t, "b (h e kk) l -> (b l) h kk e", h=r.heads, kk=k * k)
+
+        ones = torch.ones(1, 1, H, W, device=s.device, dtype=s.dtype)
+        valid = F.unfold(ones, k, padding=k // 2) > 0  # (1, k², L): False where the window leaves the grid
+        mask = rearrange(valid, "1 kk l -> l 1 1 kk").repeat(B, 1, 1, 1)  # (B·L, 1, 1, k²)
+        out = F.scaled_dot_product_attention(q, neighbours(r.k(s)), neighbours(r.v(s)), attn_mask=mask, scale=r.inv_temp)
+        return r.o(rearrange(out, "(b l) h 1 e -> b l (h e)", b=B))
+
+    def write(self, s: Tensor, hw: tuple[int, int], ctx: dict) -> None:
+        """Write ``local_writes`` random token descriptors of this batch (detached)."""
+        if self.mode != "bank":
+            return
+        with torch.no_grad():
+            h = self.descriptor(s, hw).flatten(0, 1)  # (B·L, d)
+            L = hw[0] * hw[1]
+            pick = torch.randperm(h.shape[0], device=h.device)[: self.writes]
+            img = pick // L
+            self.memory.write(h[pick], ctx["index"][img], pick % L, ctx["labels"][img])
+
+
+class GlobalHopfield(nn.Module):
+    """Episodic scene memory: the scene query (mean of tokens) retrieves a scene-level prior."""
+
+    def __init__(self, dim: int, cfg: VHMNConfig):
+        super().__init__()
+        self.fast = cfg.fast
+        self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp)
+        self.memory = make_memory(cfg.memory, cfg.global_slots, dim, cfg.global_class_balanced, cfg.num_classes)
+
+    def project_memory(self):
+        return self.retrieval.project_memory(self.memory.patterns())
+
+    def forward(self, s: Tensor, kv) -> Tensor:
+        """(B, L, d) → scene retrieval g (B, 1, d)."""
+        return self.retrieval(s.mean(1, keepdim=True), kv, fast=self.fast)
+
+    def write(self, s: Tensor, ctx: dict) -> None:
+        with torch.no_grad():
+            B = s.shape[0]
+            self.memory.write(s.mean(1), ctx["index"], torch.zeros(B, dtype=torch.long, device=s.device), ctx["labels"])
+
+
+class MemoryMixer(nn.Module):
+    """Token mixer of an HMN block: memory prediction m(s) refined by predictive coding."""
+
+    def __init__(self, dim: int, cfg: VHMNConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.local = LocalHopfield(dim, cfg) if cfg.local_memory else None
+        self.glob = GlobalHopfield(dim, cfg) if cfg.global_memory else None
+        if self.glob is not None and cfg.global_mod == "film":
+            self.film = nn.Linear(dim, 2 * dim)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
+        if cfg.fusion == "concat" and self.local is not None and self.glob is not None:
+            self.fuse = nn.Linear(2 * dim, dim)
+
+    def predict(self, s: Tensor, hw: tuple[int, int], kv_l, kv_g) -> Tensor:
+        """The memory's prediction m(s): (B, L, d) → (B, L, d)."""
+        m = self.local(s, hw, kv_l) if self.local is not None else None
+        if self.glob is None:
+            return m
+        g = self.glob(s, kv_g)  # (B, 1, d)
+        if self.cfg.global_mod == "film":
+            scale, shift = self.film(g).chunk(2, dim=-1)
+            return (m if m is not None else torch.zeros_like(s)) * (1 + scale) + shift
+        if m is None:
+            return g.expand_as(s)
+        if self.cfg.fusion == "concat":
+            return self.fuse(torch.cat([m, g.expand_as(m)], dim=-1))
+        return m + g
+
+    def forward(self, u: Tensor, hw: tuple[int, int], ctx: dict | None = None) -> Tensor:
+        cfg = self.cfg
+        if self.training and ctx is not None and ctx.get("write", True):
+            if self.local is not None:
+                self.local.write(u, hw, ctx)
+            if self.glob is not None:
+                self.glob.write(u, ctx)
+        kv_l = self.local.project_memory() if self.local is not None else None
+        kv_g = self.glob.project_memory() if self.glob is not None else None
+        on_step = None
+        if ctx is not None and ctx.get("record") is not None:
+            on_step = self._recorder(ctx["record"], hw, kv_l, kv_g)
+        return predictive_coding_refine(
+            u, lambda s: self.predict(s, hw, kv_l, kv_g), cfg.refine_rate, cfg.refine_steps, on_step
+        )
+
+    def _recorder(self, record: list, hw, kv_l, kv_g):
+        """Inspection: per refinement step, the associations and the prediction error."""
+        entry = {"hw": hw, "steps": []}
+        record.append(entry)
+
+        def on_step(t: int, z: Tensor, m: Tensor) -> None:
+            step = {"pred_error": (m - z).norm(dim=-1).mean(-1).detach()}  # (B,)
+            if self.local is not None and self.local.mode == "bank":
+                step["local_assoc"] = self.local.retrieval.association(self.local.descriptor(z, hw), kv_l).mean(1).detach()
+            if self.glob is not None:
+                step["global_assoc"] = self.glob.retrieval.association(z.mean(1, keepdim=True), kv_g).mean(1)[:, 0].detach()
+            entry["steps"].append(step)
+
+        return on_step
+
+
+class HMNBlock(nn.Module):
+    """Pre-norm residual block: ``z += DropPath(MemoryMixer(LN z)); z += DropPath(MLP(LN z))``."""
+
+    def __init__(self, dim: int, cfg: VHMNConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.mixer = MemoryMixer(dim, cfg)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, z: Tensor, hw: tuple[int, int], ctx: dict | None = None) -> Tensor:
+        z = z + self.drop_path(self.mixer(self.norm1(z), hw, ctx))
+        return z + self.drop_path(self.mlp(self.norm2(z)))
+
+
+class PatchMerging(nn.Module):
+    """2×2 neighbouring tokens → one token of the next stage's width (conv 2×2, stride 2)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.reduce = nn.Conv2d(dim, out_dim, 2, stride=2)
+
+    def forward(self, z: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        x = rearrange(self.norm(z), "b (h w) d -> b d h w", h=hw[0])
+        x = self.reduce(x)
+        return rearrange(x, "b d h w -> b (h w) d"), (hw[0] // 2, hw[1] // 2)
+
+
+class VHMN(nn.Module):
+    """V-HMN with the timm model contract (``forward_features``, ``forward_head``, ``forward``).
+
+    ``forward(x, index=None, labels=None)``: in training mode the episodic banks write features of
+    this batch; ``index`` (dataset indices) and ``labels`` become the provenance of those slots
+    (−1 when not given). In eval mode nothing is written.
+    """
+
+    def __init__(self, cfg: VHMNConfig | None = None, **overrides):
+        super().__init__()
+        cfg = cfg or VHMNConfig()
+        if overrides:
+            cfg = VHMNConfig.from_dict({**cfg.to_dict(), **overrides})
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.dims[-1]
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dims[0], cfg.patch_size, stride=cfg.patch_size)
+        rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths)).tolist()
+        self.stages = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        i = 0
+        for s, (dim, depth) in enumerate(zip(cfg.dims, cfg.depths)):
+            if s > 0:
+                self.merges.append(PatchMerging(cfg.dims[s - 1], dim))
+            self.stages.append(nn.ModuleList(HMNBlock(dim, cfg, rates[i + j]) for j in range(depth)))
+            i += depth
+        self.norm = nn.LayerNorm(self.num_features)
+        if cfg.pool == "attn":
+            self.pool_query = nn.Parameter(torch.zeros(1, 1, self.num_features))
+            self.pool_kv = nn.Linear(self.num_features, 2 * self.num_features)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ---- input checks: what was wrong, and how to fix it ----------------------------------
+    def check_input(self, x: Tensor) -> None:
+        cfg = self.cfg
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor image batch (B, {cfg.in_chans}, H, W), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating-point image batch, got {x.dtype}. Convert uint8 images with "
+                f"x.float() / 255 and normalise with the dataset mean/std (vhmn.data.DATASETS)."
+            )
+        if x.ndim != 4 or x.shape[1] != cfg.in_chans:
+            hint = " (channels-last? use x.permute(0, 3, 1, 2))" if x.ndim == 4 and x.shape[-1] == cfg.in_chans else ""
+            raise ValueError(f"expected images of shape (B, {cfg.in_chans}, H, W), got {tuple(x.shape)}{hint}")
+        H, W = x.shape[-2:]
+        if H % cfg.patch_size or W % cfg.patch_size or (H // cfg.patch_size) % 2 ** (len(cfg.dims) - 1) or (W // cfg.patch_size) % 2 ** (len(cfg.dims) - 1):
+            raise ValueError(
+                f"image size {H}×{W} does not fit this model: it needs sides divisible by patch_size "
+                f"{cfg.patch_size} × 2^(stages−1) = {cfg.patch_size * 2 ** (len(cfg.dims) - 1)} "
+                f"(configured for {cfg.img_size}×{cfg.img_size})"
+            )
+        if not x.is_cuda and torch.isnan(x).any():
+            raise ValueError("input contains NaN values; check the data pipeline (normalisation by a zero std?)")
+
+    # ---- timm contract -------------------------------------------------------------------
+    def forward_features(self, x: Tensor, ctx: dict | None = None) -> Tensor:
+        """(B, C, H, W) → final tokens (B, L, d_last), normalised."""
+        z = self.patch_embed(x)  # (B, d, H/p, W/p)
+        hw = (z.shape[2], z.shape[3])
+        z = rearrange(z, "b d h w -> b (h w) d")
+        for s, blocks in enumerate(self.stages):
+            if s > 0:
+                z, hw = self.merges[s - 1](z, hw)
+            for blk in blocks:
+                z = blk(z, hw, ctx)
+        return self.norm(z)
+
+    def forward_head(self, z: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, L, d) → logits (B, num_classes), or pooled features (B, d) if ``pre_logits``."""
+        if self.cfg.pool == "attn":
+            k, v = self.pool_kv(z).chunk(2, dim=-1)
+            z = F.scaled_dot_product_attention(self.pool_query.expand(z.shape[0], -1, -1), k, v)[:, 0]
+        else:
+            z = z.mean(1)
+        return z if pre_logits else self.head(z)
+
+    def forward(self, x: Tensor, index: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+        if not torch.compiler.is_compiling():
+            self.check_input(x)
+        ctx = None
+        if self.training:
+            ctx = self._write_context(x, index, labels)
+        return self.forward_head(self.forward_features(x, ctx))
+
+    def _write_context(self, x: Tensor, index: Tensor | None, labels: Tensor | None) -> dict:
+        B = x.shape[0]
+        unknown = torch.full((B,), -1, dtype=torch.long, device=x.device)
+        if labels is None and self.cfg.global_class_balanced and self.cfg.global_memory and self.cfg.memory == "episodic":
+            raise ValueError("class-balanced global memory writes by label: call model(x, labels=y) in training mode")
+        return {
+            "index": unknown if index is None else index.to(x.device, torch.long),
+            "labels": unknown if labels is None else labels.to(x.device, torch.long),
+        }
+
+    # ---- inspection ------------------------------------------------------------------------
+    @torch.no_grad()
+    def inspect(self, x: Tensor, topk: int = 5) -> dict:
+        """Run in eval mode and return logits and, per block, what the memories retrieved.
+
+        Returns ``{"logits": (B, C), "blocks": [...]}``; each block entry has ``stage``, ``hw`` and
+        ``steps`` (one per refinement step: ``pred_error`` (B,), ``local_assoc`` (B, L, N_local),
+        ``global_assoc`` (B, N_global)), plus ``local_top``/``global_top``: the top-k slots of the
+        last step and their provenance (dataset index, token position, label).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            self.check_input(x)
+            record: list = []
+            logits = self.forward_head(self.forward_features(x, {"record": record, "write": False}))
+        finally:
+            self.train(was_training)
+        blocks = [m.mixer for stage in self.stages for m in stage]
+        stage_of = [s for s, stage in enumerate(self.stages) for _ in stage]
+        for entry, mixer, s in zip(record, blocks, stage_of):
+            entry["stage"] = s
+            last = entry["steps"][-1]
+            for key, mod in (("local", mixer.local), ("global", mixer.glob)):
+                if f"{key}_assoc" in last and mod.memory.provenance() is not None:
+                    w, slot = last[f"{key}_assoc"].topk(min(topk, mod.memory.slots), dim=-1)
+                    prov = mod.memory.provenance()
+                    entry[f"{key}_top"] = {"weight": w, "slot": slot, **{k: v[slot] for k, v in prov.items()}}
+        return {"logits": logits, "blocks": record}
+
+    def memory_banks(self) -> dict[str, nn.Module]:
+        """Every memory bank by module name."""
+        from .memory import EpisodicMemory, LearnedMemory
+
+        return {n: m for n, m in self.named_modules() if isinstance(m, (EpisodicMemory, LearnedMemory))}
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"layout={c.layout}, dims={c.dims}, depths={c.depths}, memory={c.memory}, refine_steps={c.refine_steps}, refine_rate={c.refine_rate}"
