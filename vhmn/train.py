@@ -406,8 +406,9 @@ class Trainer:
         if d.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise ConfigError(f"device {d!r} requested but CUDA is not available; use device=cpu")
-            if d == "cuda" and self.distributed:
-                d = f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank % torch.cuda.device_count()))}"
+            if d == "cuda":
+                local = os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count() if self.distributed else 0)
+                d = f"cuda:{int(local)}"
         return torch.device(d)
 
     def _build_data(self) -> None:

@@ -1,0 +1,94 @@
+"""Evaluate a checkpoint on a test set.
+
+    python -m vhmn.evaluate runs/cifar10_vhmn                      # a run folder (its latest checkpoint)
+    python -m vhmn.evaluate runs/cifar10_vhmn/checkpoint
+    python -m vhmn.evaluate results/cifar10/cifar10_vhmn/model-fp16.safetensors --limit 1000
+    python -m vhmn.evaluate MODEL.safetensors --dataset cifar10 --out eval.json
+
+The model is rebuilt from the weights file's metadata (:func:`vhmn.checkpoint.load_pretrained`).
+Prints the accuracy and writes a small JSON (default ``<checkpoint folder>/eval-<dataset>.json``).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointDir, CheckpointError, load_pretrained, read_weights
+
+__all__ = ["resolve_weights", "evaluate_model", "main"]
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A run folder, a checkpoint folder, or a .safetensors file → the weights file."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for folder in (p / "checkpoint", p):
+        if (folder / "latest.json").is_file():
+            return CheckpointDir(folder).weights_path()
+    if (p / "model-fp16.safetensors").is_file():
+        return p / "model-fp16.safetensors"
+    raise CheckpointError(f"{path}: not a .safetensors file, a run folder or a checkpoint folder (no latest.json)")
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, dataset: str = "cifar10", limit: int | None = None, batch_size: int = 500,
+                   device: str | torch.device = "cpu", root=None) -> dict:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on the first ``limit`` test images."""
+    import numpy as np
+
+    from .data import DATASETS, load_arrays
+    from .loader import DeviceLoader
+
+    info = DATASETS[dataset]
+    images, labels = load_arrays(dataset, "test", root)
+    idx = np.arange(min(limit, len(labels))) if limit else None
+    loader = DeviceLoader(images, labels, batch_size, indices=idx, train=False, mean=info.mean, std=info.std, device=device)
+    model = model.to(device).eval()
+    loss = correct = n = 0.0
+    tot = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y, _ in loader:
+        logits = model(x)
+        tot[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+        tot[1] += (logits.argmax(-1) == y).sum()
+        tot[2] += y.numel()
+    loss, correct, n = tot.tolist()
+    return {"dataset": dataset, "images": int(n), "accuracy": correct / n, "loss": loss / n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vhmn.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="run folder, checkpoint folder or .safetensors file")
+    ap.add_argument("--dataset", default=None, help="default: the dataset recorded in the checkpoint")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="JSON file to write (default: next to the checkpoint)")
+    args = ap.parse_args(argv)
+    try:
+        path = resolve_weights(args.checkpoint)
+        _, meta = read_weights(path)
+        model = load_pretrained(path, args.device)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dataset = args.dataset or meta.get("dataset") or "cifar10"
+    t0 = time.perf_counter()
+    result = evaluate_model(model, dataset, args.limit, device=args.device)
+    result.update(checkpoint=str(path), model=meta.get("model"), experiment=meta.get("experiment"),
+                  epoch=meta.get("epoch"), seconds=round(time.perf_counter() - t0, 2))
+    print(f"{meta.get('model')} on {dataset} ({result['images']} test images): accuracy {result['accuracy']:.4f}, "
+          f"loss {result['loss']:.4f}")
+    out = Path(args.out) if args.out else path.parent / f"eval-{dataset}.json"
+    out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
