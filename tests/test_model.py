@@ -583,6 +583,18 @@ def test_flops_grow_linearly_with_refine_steps():
     assert step // 2 < r["local"]["flops"] + r["global"]["flops"]
 
 
+def test_flops_per_image_extrapolates_the_batch_exactly():
+    from vhmn.flops import count_per_image
+
+    model = create_model("vhmn_test")
+    at4 = count(model, batch_size=4)
+    est = count_per_image(model, batch_size=4)
+    for comp in at4:
+        assert abs(est[comp]["flops"] - at4[comp]["flops"]) <= 1, comp
+    # the bank projections are shared: FLOPs per image fall with the batch size
+    assert count_per_image(model, 64)["total"]["flops"] < at4["total"]["flops"]
+
+
 def test_flops_for_timm_vit():
     vit = create_model("vit_tiny_cifar")
     res = count(vit)

@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count", "episodic_size", "format_table", "COMPONENTS"]
+__all__ = ["count", "count_per_image", "episodic_size", "format_table", "COMPONENTS"]
 
 COMPONENTS = ("patch_embed", "local", "global", "fusion", "refinement", "mlp", "norm", "merge", "head")
 
@@ -171,6 +171,22 @@ def count(
         elif comp in comps:
             out[comp] = {"flops": comps[comp]["flops"] // batch_size, "params": comps[comp]["params"]}
     out["total"] = {"flops": total // batch_size, "params": sum(p.numel() for p in model.parameters())}
+    return out
+
+
+def count_per_image(model: nn.Module, batch_size: int, img_size: int | None = None) -> dict[str, dict[str, float]]:
+    """:func:`count` at any batch size without running that batch.
+
+    FLOPs are affine in the batch size B (bank projections once per pass, everything else per
+    image), so counts at B = 1 and B = 2 give the per-image FLOPs at any B exactly.
+    """
+    one = count(model, img_size=img_size, batch_size=1)
+    two = count(model, img_size=img_size, batch_size=2)
+    out = {}
+    for comp in one:
+        f1, f2 = one[comp]["flops"], 2 * two[comp]["flops"]
+        per, shared = f2 - f1, 2 * f1 - f2
+        out[comp] = {"flops": shared / batch_size + per, "params": one[comp]["params"]}
     return out
 
 
