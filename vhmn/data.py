@@ -38,6 +38,7 @@ __all__ = [
     "imagenet_folder",
     "imagenet_loaders",
     "FolderLoader",
+    "write_synthetic_imagefolder",
 ]
 
 SPLITS_DIR = Path(__file__).resolve().parent.parent / "data" / "splits"
@@ -436,6 +437,23 @@ class FolderLoader:
             x = x.to(self.device, non_blocking=True).float()
             yield (x - self.mean) / self.std, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
         self.sampler.skip = 0
+
+
+def write_synthetic_imagefolder(folder: str | os.PathLike, classes: int = 4, per_class: int = 16, size: int = 72,
+                                seed: int = 0) -> Path:
+    """A tiny ImageNet-layout folder of random JPEGs (``<folder>/imagenet/{train,val}/<class>/``) for
+    pipeline checks where ImageNet is absent. Random images: nothing to learn; never a result."""
+    from PIL import Image
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = folder / "imagenet" / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class if split == "train" else per_class // 2):
+                Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
+    return folder
 
 
 def imagenet_loaders(root, batch_size: int, *, num_workers: int = 8, seed: int = 0, rank: int = 0, world_size: int = 1,

@@ -72,6 +72,8 @@ class TrainConfig:
     data_root: str | None = None  # default: $VHMN_DATA or ./data
     num_workers: int = 8  # ImageNet only (the small datasets live on the device)
     image_size: int = 224  # ImageNet only: training crop / evaluation centre crop
+    stand_in: str | None = None  # smoke runs only: if the dataset is absent, use this instead ('cifar10'; 'synthetic'
+    #                              for ImageNet: random images in an ImageFolder) — recorded in results.json
     # optimisation (one recipe for every model)
     epochs: int = 200
     batch_size: int = 512  # global batch (split over DDP ranks)
@@ -122,7 +124,7 @@ RESULTS_SCHEMA = {
     "seed": "int",
     "provenance": "git_commit, git_dirty, versions{python,torch,numpy,timm,torchvision,safetensors,einops,vhmn}, device, world_size, command",
     "model": "{name, kwargs, num_params, config (V-HMN: the full VHMNConfig)}",
-    "data": "{dataset, subset, train_images, test_images, steps_per_epoch}",
+    "data": "{dataset, subset, train_images, test_images, steps_per_epoch, stand_in (smoke runs on another dataset, else null)}",
     "epochs": "per epoch: epoch, lr, train_loss, train_acc, test_loss, test_acc (null when not evaluated), [ema_test_acc], images_per_s, epoch_time_s",
     "final": "{epochs_done, train_loss, train_acc, test_loss, test_acc, best_test_acc, [ema_test_acc]}",
     "wall_time_s": "seconds of training (summed over resumptions)",
@@ -421,20 +423,39 @@ class Trainer:
         common = dict(mean=info.mean, std=info.std, device=self.device, rank=self.rank, world_size=self.world_size)
         per_rank = cfg.batch_size // self.world_size
         if cfg.dataset == "imagenet":
-            from .data import imagenet_loaders
+            from .data import DatasetNotFoundError, imagenet_folder, imagenet_loaders, write_synthetic_imagefolder
 
+            root, synthetic = cfg.data_root, False
+            try:
+                imagenet_folder(root)
+            except DatasetNotFoundError:
+                if cfg.stand_in != "synthetic":
+                    raise
+                root, synthetic = write_synthetic_imagefolder(self.out_dir / "synthetic_data", seed=cfg.seed), True
+                self.log("ImageNet is not available here: this smoke run uses a tiny SYNTHETIC ImageFolder of random "
+                         "images; it checks the pipeline, its accuracy means nothing")
             self.train_loader, self.test_loader = imagenet_loaders(
-                cfg.data_root, per_rank, num_workers=cfg.num_workers, seed=cfg.seed, rank=self.rank,
+                root, per_rank, num_workers=cfg.num_workers, seed=cfg.seed, rank=self.rank,
                 world_size=self.world_size, device=self.device, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
                 augment=cfg.augment, image_size=cfg.image_size,
             )
             self.data_info = {"dataset": "imagenet", "subset": cfg.subset, "train_images": self.train_loader.num_images,
-                              "test_images": self.test_loader.num_images}
+                              "test_images": self.test_loader.num_images, "stand_in": "synthetic" if synthetic else None}
             return
         from .loader import DeviceLoader
 
-        x_tr, y_tr = load_arrays(cfg.dataset, "train", cfg.data_root)
-        x_te, y_te = load_arrays(cfg.dataset, "test", cfg.data_root)
+        dataset, stand_in = cfg.dataset, None
+        if cfg.stand_in:
+            from .data import DatasetNotFoundError
+
+            try:
+                load_arrays(cfg.dataset, "test", cfg.data_root, download=False)
+            except DatasetNotFoundError:
+                dataset = stand_in = cfg.stand_in
+                self.log(f"{cfg.dataset} is not available here: this smoke run reads {stand_in} instead "
+                         f"(same pipeline and model; its accuracy is not a {cfg.dataset} result)")
+        x_tr, y_tr = load_arrays(dataset, "train", cfg.data_root)
+        x_te, y_te = load_arrays(dataset, "test", cfg.data_root)
         idx = load_subset_indices(cfg.subset, dataset=cfg.dataset, root=cfg.data_root) if cfg.subset else np.arange(len(y_tr))
         if cfg.train_limit:
             idx = idx[: cfg.train_limit]
@@ -443,7 +464,7 @@ class Trainer:
                                          pad_mode=cfg.pad_mode, seed=cfg.seed, **common)
         self.test_loader = DeviceLoader(x_te, y_te, min(per_rank * 2, 1024), indices=test_idx, train=False, **common)
         self.data_info = {"dataset": cfg.dataset, "subset": cfg.subset, "train_images": int(len(idx)),
-                          "test_images": self.test_loader.num_images}
+                          "test_images": self.test_loader.num_images, "stand_in": stand_in}
 
     # ---- checkpoint / results -----------------------------------------------------------------
     def _state(self, epoch: int, start_batch: int, partial: dict | None) -> dict:
