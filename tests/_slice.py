@@ -42,3 +42,15 @@ def session_slice(tmp_path_factory) -> Path:
     if not (folder / "cifar10" / "test.npz").is_file():
         make_slice(folder)
     return folder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread while these modules run: tiny CPU trainings are fastest that way, and a
+    shared, busy machine cannot stall them (OpenMP threads waiting on a descheduled sibling)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

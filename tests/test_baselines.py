@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import vhmn
+
+from _slice import one_thread  # noqa: F401  (autouse fixture)
 from vhmn.baselines import __all__ as BASELINES
 
 

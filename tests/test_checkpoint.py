@@ -8,6 +8,8 @@ import torch
 from torch.testing import assert_close
 
 import vhmn
+
+from _slice import one_thread  # noqa: F401  (autouse fixture)
 from vhmn.checkpoint import (
     CheckpointDir,
     CheckpointError,

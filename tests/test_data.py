@@ -29,7 +29,7 @@ from vhmn.data import (
 )
 from vhmn.loader import DeviceLoader
 
-from _slice import real_root
+from _slice import real_root, one_thread  # noqa: F401  (autouse fixture)
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

@@ -20,7 +20,7 @@ from torch.testing import assert_close
 from vhmn.checkpoint import unwrap
 from vhmn.train import TrainConfig, Trainer
 
-from _slice import session_slice
+from _slice import session_slice, one_thread  # noqa: F401  (autouse fixture)
 
 
 def config(root, out, **kw) -> TrainConfig:

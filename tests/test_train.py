@@ -21,7 +21,7 @@ from vhmn.checkpoint import read_weights
 from vhmn.experiments import UnknownExperimentError, list_experiments, load_experiment
 from vhmn.train import ConfigError, NonFiniteLossError, TrainConfig, Trainer, build_config, lr_factor, main
 
-from _slice import REPO, session_slice
+from _slice import REPO, session_slice, one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(root, reference, tmp_path
     out = tmp_path / "run"
     args = [sys.executable, "-m", "vhmn.train", str(REPO / "tests" / "tiny_experiment.yaml"), f"data_root={root}",
             "epochs=6", f"--out={out}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # as in this process (one_thread)
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     pointer = out / "checkpoint" / "latest.json"
     deadline = time.time() + 60
