@@ -93,6 +93,7 @@ class TrainConfig:
     nan_check_every: int = 50  # steps between checks of the loss for NaN/inf (a host sync)
     out_dir: str | None = None  # default runs/<name> (runs/smoke/<name> with --smoke)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # CPU intra-op threads (torch.set_num_threads); None = torch's default
     export_fp16: bool = True  # also write <out_dir>/model-fp16.safetensors at the end
     smoke: dict = field(default_factory=dict)  # overrides applied by --smoke
 
@@ -131,7 +132,7 @@ RESULTS_SCHEMA = {
     "started_at / finished_at": "UTC ISO times",
 }
 
-_RESUME_MAY_DIFFER = {"device", "compile", "eval_every", "ckpt_every", "out_dir", "nan_check_every", "num_workers", "data_root", "description"}
+_RESUME_MAY_DIFFER = {"device", "threads", "compile", "eval_every", "ckpt_every", "out_dir", "nan_check_every", "num_workers", "data_root", "description"}
 
 
 # --------------------------------------------------------------------------------------
@@ -357,6 +358,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         if cfg.batch_size % self.world_size:
             raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world_size}")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.out_dir = Path(cfg.out_dir or Path("runs") / cfg.name)
         self.ckpt = CheckpointDir(self.out_dir / "checkpoint")
