@@ -191,3 +191,16 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(root, reference, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout
     assert_same_run(ref, out)
+
+
+def test_evaluate_cli_reproduces_the_final_accuracy(root, reference, capsys):
+    from vhmn.evaluate import main as evaluate_main
+
+    out = reference / "eval.json"
+    assert evaluate_main([str(reference), "--data-root", str(root), "--limit", "64", "--device", "cpu", "--out", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    final = json.loads((reference / "results.json").read_text())["final"]
+    assert ev["images"] == 64 and ev["accuracy"] == final["test_acc"]
+    assert ev["loss"] == pytest.approx(final["test_loss"], rel=1e-6)
+    assert "accuracy" in capsys.readouterr().out
+    assert evaluate_main([str(reference / "nothing-here")]) == 2

@@ -50,7 +50,6 @@ def evaluate_model(model: torch.nn.Module, dataset: str = "cifar10", limit: int 
     idx = np.arange(min(limit, len(labels))) if limit else None
     loader = DeviceLoader(images, labels, batch_size, indices=idx, train=False, mean=info.mean, std=info.std, device=device)
     model = model.to(device).eval()
-    loss = correct = n = 0.0
     tot = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y, _ in loader:
         logits = model(x)
@@ -68,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoint", help="run folder, checkpoint folder or .safetensors file")
     ap.add_argument("--dataset", default=None, help="default: the dataset recorded in the checkpoint")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
+    ap.add_argument("--data-root", default=None, help="data root (default: $VHMN_DATA or ./data)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="JSON file to write (default: next to the checkpoint)")
     args = ap.parse_args(argv)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dataset = args.dataset or meta.get("dataset") or "cifar10"
     t0 = time.perf_counter()
-    result = evaluate_model(model, dataset, args.limit, device=args.device)
+    result = evaluate_model(model, dataset, args.limit, device=args.device, root=args.data_root)
     result.update(checkpoint=str(path), model=meta.get("model"), experiment=meta.get("experiment"),
                   epoch=meta.get("epoch"), seconds=round(time.perf_counter() - t0, 2))
     print(f"{meta.get('model')} on {dataset} ({result['images']} test images): accuracy {result['accuracy']:.4f}, "
