@@ -658,6 +658,12 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.nan_check_every == 0:
                 self._check_finite(bad, epoch)
+            if self._stop_signal is not None and self.distributed:
+                # Ranks may see the signal one step apart, so no collective (and no mid-epoch save) here:
+                # a distributed run resumes from its last epoch checkpoint.
+                self.status = "interrupted"
+                self.log(f"stopped by signal {self._stop_signal} in epoch {epoch}; resume from the last epoch checkpoint")
+                return
             if self._stop_signal is not None:
                 self._check_finite(bad, epoch)
                 self.wall_time += time.perf_counter() - t0
