@@ -72,6 +72,27 @@ def test_sign_ties_keep_the_previous_value():
     assert sign(x.double()).dtype == torch.float64
 
 
+def test_ties_do_not_depend_on_the_order_of_summation():
+    # Hebbian weights with n = 200 are multiples of 1/200, not exact in binary: a field that is
+    # exactly zero comes out as ±1e-17 depending on the order of summation (the CPU's vector
+    # width). Relabelling the neurons reorders every sum; the update must not change, and it must
+    # equal the update computed from the integer fields n·h (exact in float64).
+    n = 200
+    x = random_patterns(10, n, seed=4)
+    W = hebbian_weights(x)
+    C = (x.T @ x).fill_diagonal_(0)  # n·W: integers
+    s = random_patterns(64, n, seed=5)
+    assert (s @ C == 0).sum() > 100  # many exact ties in this batch
+    assert torch.equal(sync_update(W, s), sign(s @ C, previous=s))
+    for seed in range(3):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sync_update(W[perm][:, perm], s[:, perm]), sync_update(W, s)[:, perm])
+        ref = s[:4].clone()
+        for i in torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist():
+            ref[:, i] = sign(ref @ C[:, i], previous=ref[:, i])
+        assert torch.equal(async_update(W, s[:4], generator=torch.Generator().manual_seed(seed)), ref)
+
+
 def test_classical_energy_and_sync_update_match_numpy():
     W = hebbian_weights(random_patterns(5, 30, seed=2))
     s = random_patterns(4, 30, seed=3)  # a batch of 4 states

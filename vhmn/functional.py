@@ -64,10 +64,10 @@ def hebbian_weights(patterns: Tensor) -> Tensor:
     return W
 
 
-def sign(x: Tensor, previous: Tensor | None = None) -> Tensor:
-    """±1 sign; a zero field keeps the previous value (or +1 when there is none)."""
+def sign(x: Tensor, previous: Tensor | None = None, tol: Tensor | float = 0.0) -> Tensor:
+    """±1 sign; a zero field (``|x| ≤ tol``) keeps the previous value (or +1 when there is none)."""
     out = torch.where(x > 0, 1.0, -1.0).to(x.dtype)
-    tie = x == 0
+    tie = x.abs() <= tol
     if previous is not None:
         return torch.where(tie, previous.to(x.dtype), out)
     return torch.where(tie, torch.ones_like(out), out)
@@ -78,9 +78,22 @@ def classical_energy(W: Tensor, state: Tensor) -> Tensor:
     return -0.5 * torch.einsum("...i,ij,...j->...", state, W, state)
 
 
+def _rounding_tol(W: Tensor, state: Tensor) -> Tensor:
+    """How far from zero rounding can push a field ``s @ Wᵀ`` whose exact value is zero.
+
+    The field is a sum of n products; its rounding error is a few ε · Σ_j |W_ij s_j|, and its
+    value depends on the order of summation (the CPU's vector width, the BLAS kernel). A field
+    within ``64 ε Σ_j |W_ij s_j|`` of zero counts as zero, so that ties, which are frequent for
+    Hebbian weights (W_ij = k/n), are decided the same way on every machine.
+    """
+    return 64 * torch.finfo(W.dtype).eps * (state.abs() @ W.abs().T)
+
+
 def sync_update(W: Tensor, state: Tensor) -> Tensor:
-    """One synchronous update: every neuron at once, ``s ← sign(W s)``. state: (..., n)."""
-    return sign(state @ W.T, previous=state)
+    """One synchronous update: every neuron at once, ``s ← sign(W s)``. state: (..., n).
+
+    A field that is zero up to rounding keeps the neuron's value (:func:`_rounding_tol`)."""
+    return sign(state @ W.T, previous=state, tol=_rounding_tol(W, state))
 
 
 def async_update(W: Tensor, state: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -94,7 +107,7 @@ def async_update(W: Tensor, state: Tensor, generator: torch.Generator | None = N
     n = s.shape[-1]
     for i in torch.randperm(n, generator=generator).tolist():
         field = s @ W[i]  # (...)
-        s[..., i] = sign(field, previous=s[..., i])
+        s[..., i] = sign(field, previous=s[..., i], tol=_rounding_tol(W[i : i + 1], s)[..., 0])
     return s
 
 
