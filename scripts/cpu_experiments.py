@@ -1,0 +1,131 @@
+"""CIFAR-10 with 10% of the training data at CPU scale: the data-efficiency table and the V-HMN ablations.
+
+    python scripts/cpu_experiments.py --list              # the runs, in the order they are run
+    python scripts/cpu_experiments.py --workers 2         # run what is missing (two runs at a time, one thread each)
+    python scripts/cpu_experiments.py --only main         # just the table: 4 models × 3 seeds
+    python scripts/cpu_experiments.py --deadline 02:15     # start no run after this UTC time
+
+Every run is ``python -m vhmn.train <experiment> seed=S [model overrides] --out runs/cpu10/<run>`` with the
+experiment configs ``cifar10_frac10_cpu_*`` (recipe ``_cpu10``: the committed stratified 10% split, the full
+test set, 16 epochs, batch 128, the shared recipe otherwise). When a run completes, its ``results.json`` is
+copied to ``results/cpu10/<run>/`` (and nothing else is written there); the main V-HMN run of seed 0 also
+leaves its fp16 weights there, evaluated on the full test set by ``python -m vhmn.evaluate`` into
+``eval-cifar10.json``. A run whose results are already committed is skipped, so the script can be run again
+to finish what an earlier sitting did not. The runs are ordered by importance: seed 0 of every model first,
+then the ablations that the robustness chapter needs (refine_steps), then the other seeds, then the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "cpu10"
+RUNS = ROOT / "runs" / "cpu10"
+MODELS = ("vhmn", "vit", "mixer", "convmixer")
+CHECKPOINT_RUN = "vhmn_s0"  # its fp16 weights are committed and re-evaluated by the book
+
+# V-HMN ablations at seed 0: run name → overrides of cifar10_frac10_cpu_vhmn (decision numbers of the book's
+# decisions page in the comments). The default of each decision is the main run vhmn_s0.
+ABLATIONS: dict[str, list[str]] = {
+    "vhmn_T0": ["model.refine_steps=0"],  # 5: refinement steps (default T = 2)
+    "vhmn_T1": ["model.refine_steps=1"],
+    "vhmn_T3": ["model.refine_steps=3"],
+    "vhmn_learned": ["model.memory=learned"],  # 1: learned slots instead of the episodic ring buffer
+    "vhmn_local_only": ["model.global_memory=false"],  # 2/3: one memory path only
+    "vhmn_global_only": ["model.local_memory=false"],
+    "vhmn_film": ["model.global_mod=film"],  # 3: scale-and-shift modulation instead of additive
+    "vhmn_slots64": ["model.local_slots=64", "model.global_slots=32"],  # 1: memory size (default 256 / 128)
+    "vhmn_slots1024": ["model.local_slots=1024", "model.global_slots=512"],
+    "vhmn_rate1": ["model.refine_rate=1.0"],  # 5: refine_rate β (default 0.5)
+    "vhmn_rate025": ["model.refine_rate=0.25"],
+    "vhmn_invtemp1": ["model.inv_temp=1.0"],  # inv_temp β_H (default 1/√32 ≈ 0.18)
+    "vhmn_k5": ["model.kernel_size=5"],  # 2: neighbourhood k (default 3)
+    "vhmn_window": ["model.local_mode=window"],  # 2: the neighbours themselves as the memory
+    "vhmn_concat": ["model.fusion=concat"],  # 4: concat + linear fusion instead of the sum
+    "vhmn_staged": ["model.patch_size=2", "model.dims=[64,128]", "model.depths=[2,2]"],  # 7: staged layout
+    "vhmn_attnpool": ["model.pool=attn"],  # 8: attention pooling head
+}
+
+
+def plan(only: str | None) -> list[tuple[str, str, int, list[str]]]:
+    """(run name, experiment, seed, overrides), most important first."""
+    main = {s: [(f"{m}_s{s}", f"cifar10_frac10_cpu_{m}", s, []) for m in MODELS] for s in range(3)}
+    abl = [(name, "cifar10_frac10_cpu_vhmn", 0, ov) for name, ov in ABLATIONS.items()]
+    if only == "main":
+        return main[0] + main[1] + main[2]
+    if only == "ablations":
+        return abl
+    return main[0] + abl[:3] + main[1] + main[2] + abl[3:]
+
+
+def done(run: str) -> bool:
+    p = RESULTS / run / "results.json"
+    return p.is_file() and json.loads(p.read_text()).get("status") == "complete"
+
+
+def execute(run: str, experiment: str, seed: int, overrides: list[str]) -> str:
+    out = RUNS / run
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "vhmn.train", experiment, f"seed={seed}", *overrides, "--out", str(out.relative_to(ROOT))]
+    t0 = time.time()
+    log = (RUNS / f"{run}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if rc != 0:
+        return f"{run}: FAILED (exit {rc}), see {log.relative_to(ROOT)}"
+    dest = RESULTS / run
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "results.json", dest / "results.json")
+    if run == CHECKPOINT_RUN:
+        shutil.copy2(out / "model-fp16.safetensors", dest / "model-fp16.safetensors")
+        subprocess.check_call([sys.executable, "-m", "vhmn.evaluate", str(dest / "model-fp16.safetensors"), "--device", "cpu"],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        ev = json.loads((dest / "eval-cifar10.json").read_text())
+        ev["checkpoint"] = str((dest / "model-fp16.safetensors").relative_to(ROOT))  # no machine paths in results
+        (dest / "eval-cifar10.json").write_text(json.dumps(ev, indent=1) + "\n")
+    acc = json.loads((dest / "results.json").read_text())["final"]["test_acc"]
+    return f"{run}: test accuracy {acc:.4f} ({time.time() - t0:.0f} s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=2, help="runs at a time (each on one CPU thread)")
+    ap.add_argument("--only", choices=("main", "ablations"), default=None)
+    ap.add_argument("--deadline", default=None, help="HH:MM (UTC): start no run after this time")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    todo = plan(args.only)
+    if args.list:
+        for run, exp, seed, ov in todo:
+            print(f"{'done ' if done(run) else 'to do'}  {run:<18} {exp} seed={seed} {' '.join(ov)}")
+        return 0
+    deadline = None
+    if args.deadline:
+        h, m = map(int, args.deadline.split(":"))
+        deadline = dt.datetime.now(dt.timezone.utc).replace(hour=h, minute=m, second=0, microsecond=0)
+
+    def job(item):
+        if done(item[0]):
+            return f"{item[0]}: already in results/, skipped"
+        if deadline and dt.datetime.now(dt.timezone.utc) > deadline:
+            return f"{item[0]}: not started (deadline {args.deadline} UTC passed)"
+        return execute(*item)
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        for line in pool.map(job, todo):
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
