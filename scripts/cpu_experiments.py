@@ -39,18 +39,18 @@ ABLATIONS: dict[str, list[str]] = {
     "vhmn_T0": ["model.refine_steps=0"],  # 5: refinement steps (default T = 2)
     "vhmn_T1": ["model.refine_steps=1"],
     "vhmn_T3": ["model.refine_steps=3"],
+    "vhmn_invtemp1": ["model.inv_temp=1.0"],  # inv_temp β_H (default 1/√32 ≈ 0.18)
+    "vhmn_window": ["model.local_mode=window"],  # 2: the neighbours themselves as the memory
     "vhmn_learned": ["model.memory=learned"],  # 1: learned slots instead of the episodic ring buffer
     "vhmn_local_only": ["model.global_memory=false"],  # 2/3: one memory path only
     "vhmn_global_only": ["model.local_memory=false"],
+    "vhmn_slots1024": ["model.local_slots=1024", "model.global_slots=512"],  # 1: memory size (default 256 / 128)
+    "vhmn_slots64": ["model.local_slots=64", "model.global_slots=32"],
     "vhmn_film": ["model.global_mod=film"],  # 3: scale-and-shift modulation instead of additive
-    "vhmn_slots64": ["model.local_slots=64", "model.global_slots=32"],  # 1: memory size (default 256 / 128)
-    "vhmn_slots1024": ["model.local_slots=1024", "model.global_slots=512"],
-    "vhmn_rate1": ["model.refine_rate=1.0"],  # 5: refine_rate β (default 0.5)
-    "vhmn_rate025": ["model.refine_rate=0.25"],
-    "vhmn_invtemp1": ["model.inv_temp=1.0"],  # inv_temp β_H (default 1/√32 ≈ 0.18)
     "vhmn_k5": ["model.kernel_size=5"],  # 2: neighbourhood k (default 3)
-    "vhmn_window": ["model.local_mode=window"],  # 2: the neighbours themselves as the memory
+    "vhmn_rate1": ["model.refine_rate=1.0"],  # 5: refine_rate β (default 0.5)
     "vhmn_concat": ["model.fusion=concat"],  # 4: concat + linear fusion instead of the sum
+    "vhmn_rate025": ["model.refine_rate=0.25"],
     "vhmn_staged": ["model.patch_size=2", "model.dims=[64,128]", "model.depths=[2,2]"],  # 7: staged layout
     "vhmn_attnpool": ["model.pool=attn"],  # 8: attention pooling head
 }
@@ -72,17 +72,38 @@ def done(run: str) -> bool:
     return p.is_file() and json.loads(p.read_text()).get("status") == "complete"
 
 
+def _status(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def in_flight(run: str) -> bool:
+    """A run that an earlier invocation of this script started and that is still training (its log was
+    written in the last five minutes): wait for it instead of starting it again."""
+    log = RUNS / f"{run}.log"
+    if _status(RUNS / run / "results.json") != "running" or not log.is_file() or time.time() - log.stat().st_mtime > 300:
+        return False
+    while _status(RUNS / run / "results.json") == "running":
+        time.sleep(20)
+    return True
+
+
 def execute(run: str, experiment: str, seed: int, overrides: list[str]) -> str:
     out = RUNS / run
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "vhmn.train", experiment, f"seed={seed}", *overrides, "--out", str(out.relative_to(ROOT))]
     t0 = time.time()
     log = (RUNS / f"{run}.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if rc != 0:
-        return f"{run}: FAILED (exit {rc}), see {log.relative_to(ROOT)}"
+    if not in_flight(run):
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "vhmn.train", experiment, f"seed={seed}", *overrides, "--out", str(out.relative_to(ROOT))]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as f:
+            rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if rc != 0:
+            return f"{run}: FAILED (exit {rc}), see {log.relative_to(ROOT)}"
+    if _status(out / "results.json") != "complete":
+        return f"{run}: FAILED (status {_status(out / 'results.json')}), see {log.relative_to(ROOT)}"
     dest = RESULTS / run
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(out / "results.json", dest / "results.json")
