@@ -269,3 +269,19 @@ def test_ci_runs_exactly_the_readme_commands():
     test_script = read("scripts/test.sh")
     assert re.search(r"pytest\b.*--nbval\b.*\bbook/", test_script), "scripts/test.sh must run strict `pytest --nbval book/`"
     assert "--nbval-lax" not in test_script, "the notebooks are checked strictly (--nbval, not --nbval-lax)"
+
+
+def test_decisions_page_ablation_numbers_match_the_committed_results():
+    # every "±x.y (`run`)" on the decisions page is that run's test accuracy minus the default's (vhmn_s0),
+    # in points, as written by the trainer into results/cpu10/<run>/results.json
+    text = read("book/decisions.md")
+    found = re.findall(r"([+−±])(\d+\.\d) \(`(vhmn_\w+)`\)", text)
+    assert found, "the decisions page quotes no ablation result"
+    acc = {}
+    for run in {"vhmn_s0", *(r for _, _, r in found)}:
+        path = ROOT / "results" / "cpu10" / run / "results.json"
+        assert path.is_file(), f"book/decisions.md quotes {run}, but {path.relative_to(ROOT)} does not exist"
+        acc[run] = 100 * json.loads(path.read_text())["final"]["test_acc"]
+    for sign, value, run in found:
+        d = round(acc[run] - acc["vhmn_s0"], 1)
+        assert (sign, value) == ("+" if d > 0 else "−" if d < 0 else "±", f"{abs(d):.1f}"), f"{run}: the page says {sign}{value}, the results give {d:+.1f}"
