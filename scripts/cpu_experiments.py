@@ -67,16 +67,15 @@ def plan(only: str | None) -> list[tuple[str, str, int, list[str]]]:
     return main[0] + abl[:3] + main[1] + main[2] + abl[3:]
 
 
-def done(run: str) -> bool:
-    p = RESULTS / run / "results.json"
-    return p.is_file() and json.loads(p.read_text()).get("status") == "complete"
-
-
 def _status(path: Path) -> str | None:
     try:
         return json.loads(path.read_text()).get("status")
     except (OSError, ValueError):
         return None
+
+
+def done(run: str) -> bool:
+    return _status(RESULTS / run / "results.json") == "complete"
 
 
 def in_flight(run: str) -> bool:
