@@ -3,7 +3,9 @@
     python scripts/cpu_experiments.py --list              # the runs, in the order they are run
     python scripts/cpu_experiments.py --workers 2         # run what is missing (two runs at a time, one thread each)
     python scripts/cpu_experiments.py --only main         # just the table: 4 models × 3 seeds
+    python scripts/cpu_experiments.py --only curve        # the curve over 20/50% and the long-tailed set
     python scripts/cpu_experiments.py --deadline 02:15     # start no run after this UTC time
+    python scripts/cpu_experiments.py --longest-first      # start the longest runs first (shortest sitting)
 
 Every run is ``python -m vhmn.train <experiment> seed=S [model overrides] --out runs/cpu10/<run>`` with the
 experiment configs ``cifar10_frac10_cpu_*`` (recipe ``_cpu10``: the committed stratified 10% split, the full
@@ -12,7 +14,9 @@ copied to ``results/cpu10/<run>/`` (and nothing else is written there); the main
 leaves its fp16 weights there, evaluated on the full test set by ``python -m vhmn.evaluate`` into
 ``eval-cifar10.json``. A run whose results are already committed is skipped, so the script can be run again
 to finish what an earlier sitting did not. The runs are ordered by importance: seed 0 of every model first,
-then the ablations that the robustness chapter needs (refine_steps), then the other seeds, then the rest.
+then the ablations that the robustness chapter needs (refine_steps), then the other seeds, then the rest of
+the ablations, then the data curve (the same recipe on the committed 20% and 50% splits and on the long-tailed
+split ``cifar10_lt100``, V-HMN and ViT, seed 0; 100% is listed but costs about 2 h of one thread per model).
 """
 from __future__ import annotations
 
@@ -55,6 +59,23 @@ ABLATIONS: dict[str, list[str]] = {
     "vhmn_attnpool": ["model.pool=attn"],  # 8: attention pooling head
 }
 
+# The data curve and the long-tailed setting (deliverable 1 of the experiments issue): V-HMN vs ViT, seed 0,
+# the same recipe on another committed split (subset=null is the whole training set).
+SUBSETS = {"frac20": "cifar10_frac20", "frac50": "cifar10_frac50", "lt100": "cifar10_lt100", "frac100": "null"}
+CURVE: list[tuple[str, str, int, list[str]]] = [
+    (f"{m}_{name}_s0", f"cifar10_frac10_cpu_{m}", 0, [f"subset={subset}"])
+    for name, subset in SUBSETS.items() for m in ("vhmn", "vit")
+]
+
+
+def cost(item: tuple[str, str, int, list[str]]) -> float:
+    """Relative cost of a run for --longest-first: training images × model (V-HMN ≈ 1.7× the ViT per image)."""
+    run, experiment, _, overrides = item
+    subset = next((o.split("=", 1)[1] for o in overrides if o.startswith("subset=")), "cifar10_frac10")
+    n = 50_000 if subset == "null" else json.loads((ROOT / "data" / "splits" / f"{subset}.json").read_text())["n"]
+    slow = {"vhmn_window": 2.8, "vhmn_slots1024": 1.9, "vhmn_k5": 1.4, "vhmn_staged": 1.4}.get(run, 1.0)
+    return n * (1.7 if experiment.endswith("_vhmn") else 1.0) * slow
+
 
 def plan(only: str | None) -> list[tuple[str, str, int, list[str]]]:
     """(run name, experiment, seed, overrides), most important first."""
@@ -64,7 +85,9 @@ def plan(only: str | None) -> list[tuple[str, str, int, list[str]]]:
         return main[0] + main[1] + main[2]
     if only == "ablations":
         return abl
-    return main[0] + abl[:3] + main[1] + main[2] + abl[3:]
+    if only == "curve":
+        return CURVE
+    return main[0] + abl[:3] + main[1] + main[2] + abl[3:] + CURVE
 
 
 def _status(path: Path) -> str | None:
@@ -120,11 +143,15 @@ def execute(run: str, experiment: str, seed: int, overrides: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (each on one CPU thread)")
-    ap.add_argument("--only", choices=("main", "ablations"), default=None)
+    ap.add_argument("--only", choices=("main", "ablations", "curve"), default=None)
+    ap.add_argument("--skip", nargs="*", default=[], help="run names not to start (e.g. vhmn_frac100_s0)")
+    ap.add_argument("--longest-first", action="store_true", help="start the most expensive runs first")
     ap.add_argument("--deadline", default=None, help="HH:MM (UTC): start no run after this time")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
-    todo = plan(args.only)
+    todo = [item for item in plan(args.only) if item[0] not in args.skip]
+    if args.longest_first:
+        todo.sort(key=cost, reverse=True)
     if args.list:
         for run, exp, seed, ov in todo:
             print(f"{'done ' if done(run) else 'to do'}  {run:<18} {exp} seed={seed} {' '.join(ov)}")
