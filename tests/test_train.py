@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,4 +204,12 @@ def test_evaluate_cli_reproduces_the_final_accuracy(root, reference, capsys):
     assert ev["images"] == 64 and ev["accuracy"] == final["test_acc"]
     assert ev["loss"] == pytest.approx(final["test_loss"], rel=1e-6)
     assert "accuracy" in capsys.readouterr().out
+    # per-class accuracy: weighted by the class counts of the evaluated images, it is the accuracy
+    from vhmn.data import load_arrays
+
+    counts = np.bincount(load_arrays("cifar10", "test", root)[1][:64], minlength=10)
+    per_class = np.array(ev["per_class_accuracy"], dtype=float)
+    assert len(per_class) == 10 and np.isnan(per_class[counts == 0]).all()
+    assert np.nansum(per_class * counts) / counts.sum() == pytest.approx(ev["accuracy"], abs=1e-12)
+    assert ev["provenance"]["command"].startswith("python -m vhmn.evaluate") and "git_commit" in ev["provenance"]
     assert evaluate_main([str(reference / "nothing-here")]) == 2

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointDir, CheckpointError, load_pretrained, read_weights
+from .provenance import collect
 
 __all__ = ["resolve_weights", "evaluate_model", "main"]
 
@@ -39,7 +40,11 @@ def resolve_weights(path: str | Path) -> Path:
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset: str = "cifar10", limit: int | None = None, batch_size: int = 500,
                    device: str | torch.device = "cpu", root=None) -> dict:
-    """Top-1 accuracy and mean cross-entropy of ``model`` on the first ``limit`` test images."""
+    """Top-1 accuracy, mean cross-entropy and per-class accuracy of ``model`` on the first ``limit`` test images.
+
+    ``per_class_accuracy[c]`` is the accuracy on the test images of class c (NaN for a class with no image
+    among them); it is what a long-tailed training set is judged by.
+    """
     import numpy as np
 
     from .data import DATASETS, load_arrays
@@ -51,13 +56,19 @@ def evaluate_model(model: torch.nn.Module, dataset: str = "cifar10", limit: int 
     loader = DeviceLoader(images, labels, batch_size, indices=idx, train=False, mean=info.mean, std=info.std, device=device)
     model = model.to(device).eval()
     tot = torch.zeros(3, dtype=torch.float64, device=device)
+    per_class = torch.zeros(2, info.num_classes, dtype=torch.float64, device=device)  # correct, images
     for x, y, _ in loader:
         logits = model(x)
+        hit = (logits.argmax(-1) == y).double()
         tot[0] += F.cross_entropy(logits.float(), y, reduction="sum")
-        tot[1] += (logits.argmax(-1) == y).sum()
+        tot[1] += hit.sum()
         tot[2] += y.numel()
+        per_class[0].index_add_(0, y, hit)
+        per_class[1].index_add_(0, y, torch.ones_like(hit))
     loss, correct, n = tot.tolist()
-    return {"dataset": dataset, "images": int(n), "accuracy": correct / n, "loss": loss / n}
+    class_acc = [c / k if k else float("nan") for c, k in zip(*per_class.tolist())]
+    return {"dataset": dataset, "images": int(n), "accuracy": correct / n, "loss": loss / n,
+            "per_class_accuracy": class_acc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = evaluate_model(model, dataset, args.limit, device=args.device, root=args.data_root)
     result.update(checkpoint=str(path), model=meta.get("model"), experiment=meta.get("experiment"),
-                  epoch=meta.get("epoch"), seconds=round(time.perf_counter() - t0, 2))
+                  epoch=meta.get("epoch"), seconds=round(time.perf_counter() - t0, 2),
+                  provenance={**collect(args.device), "command": "python -m vhmn.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])})
     print(f"{meta.get('model')} on {dataset} ({result['images']} test images): accuracy {result['accuracy']:.4f}, "
           f"loss {result['loss']:.4f}")
     out = Path(args.out) if args.out else path.parent / f"eval-{dataset}.json"
