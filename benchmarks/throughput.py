@@ -16,8 +16,9 @@ What is measured, per model (same batch, same input, same process):
 Comparisons: ``vhmn_tiny_cifar`` against ``vit_tiny_cifar`` (same width, depth and head size) and
 ``vit_cifar_params`` (same parameter count); the main comparison alternates the models over
 several rounds and reports the median, so that load from other processes hits all of them alike.
-Sweeps on ``vhmn_tiny_cifar``: bank size (local and global slots), refine_steps (0..3), and image
-size with a matching patch size (against a ViT with the same patch).
+Sweeps on ``vhmn_tiny_cifar``: bank size (local and global slots), refine_steps (0..3), the local
+retrieval mode (bank; window through the dense fast path; window through the unfold reference path), and
+image size with a matching patch size (against a ViT with the same patch).
 
 CPU runs in float32. On CUDA every model runs under bf16 autocast and ``torch.compile``.
 The JSON written to ``--out`` (default ``results/benchmarks/<device>.json``) carries the
@@ -190,6 +191,16 @@ def finish(row: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
+def unfold_window(model: VHMN) -> VHMN:
+    """Window mode through the unfold reference path on every grid (what it was before the dense fast path)."""
+    from vhmn.model import LocalHopfield
+
+    for m in model.modules():
+        if isinstance(m, LocalHopfield):
+            m.DENSE_WINDOW_MAX_TOKENS = 0
+    return model
+
+
 def vit_like(img_size: int, patch_size: int, **kw):
     return lambda: create_model("vit_tiny_cifar", img_size=img_size, patch_size=patch_size, **kw)
 
@@ -272,6 +283,14 @@ def main(argv: list[str] | None = None) -> dict:
         for t, r in enumerate(sweeps["refine_steps"]):
             r["refine_steps"] = t
         print(table("refine_steps T, vhmn_tiny_cifar", sweeps["refine_steps"]) + "\n")
+
+        sweeps["local_mode"] = compare(
+            {"bank (default)": lambda: create_model("vhmn_tiny_cifar"),
+             "window, dense fast path": lambda: create_model("vhmn_tiny_cifar", local_mode="window"),
+             "window, unfold reference": lambda: unfold_window(create_model("vhmn_tiny_cifar", local_mode="window"))},
+            args, device,
+        )
+        print(table("local retrieval mode, vhmn_tiny_cifar", sweeps["local_mode"]) + "\n")
 
         sizes = [(32, 4), (64, 8), (224, 16)] if q else [(32, 4), (64, 4), (64, 8), (128, 8), (224, 16)]
         builders, sizes_of, meta = {}, {}, {}

@@ -457,6 +457,45 @@ def test_window_mode_equals_brute_force_and_masks_out_of_grid():
         assert_close(k5(s, (4, 6), None), brute_force_window(k5, s, (4, 6)), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("hw", [(4, 6), (8, 8), (1, 5)])
+def test_window_fast_path_equals_the_unfold_reference_values_and_gradients(hw, k):
+    torch.manual_seed(0)
+    local = create_model("vhmn_test", local_mode="window", kernel_size=k).stages[0][0].mixer.local
+    s = torch.randn(3, hw[0] * hw[1], 32, dtype=torch.float64, requires_grad=True)
+    local = local.double()
+    assert local.fast and hw[0] * hw[1] <= local.DENSE_WINDOW_MAX_TOKENS
+    fast = local(s, hw, None)
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), s)
+    ref = local._window_unfold(s, hw)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), s)
+    assert_close(fast, ref, atol=1e-12, rtol=1e-10)
+    assert_close(g_fast, g_ref, atol=1e-12, rtol=1e-10)
+    # the mask: each token sees exactly its in-grid k×k window (itself included)
+    mask = local.neighbourhood_mask(hw)
+    H, W = hw
+    counts = [(min(y + k // 2, H - 1) - max(y - k // 2, 0) + 1) * (min(x + k // 2, W - 1) - max(x - k // 2, 0) + 1)
+              for y in range(H) for x in range(W)]
+    assert mask.sum(1).tolist() == counts and mask.diagonal().all() and torch.equal(mask, mask.T)
+
+
+def test_window_mode_takes_the_unfold_path_on_large_grids(monkeypatch):
+    torch.manual_seed(0)
+    local = create_model("vhmn_test", local_mode="window").eval().stages[0][0].mixer.local
+    s = torch.randn(2, 24, 32)
+    calls = []
+    monkeypatch.setattr(type(local), "_window_dense", lambda self, *a: calls.append("dense") or None)
+    monkeypatch.setattr(local, "DENSE_WINDOW_MAX_TOKENS", 23)
+    with torch.no_grad():
+        assert_close(local(s, (4, 6), None), brute_force_window(local, s, (4, 6)), atol=1e-5, rtol=1e-4)
+    assert calls == []  # 24 tokens > 23: the unfold path
+    local.fast = False
+    monkeypatch.setattr(local, "DENSE_WINDOW_MAX_TOKENS", 10_000)
+    with torch.no_grad():
+        assert_close(local(s, (4, 6), None), brute_force_window(local, s, (4, 6)), atol=1e-5, rtol=1e-4)
+    assert calls == []  # fast=False: the reference path
+
+
 def test_staged_layout():
     torch.manual_seed(0)
     model = create_model("vhmn_test_staged")

@@ -145,7 +145,33 @@ class LocalHopfield(nn.Module):
             return self.retrieval(self.descriptor(s, hw), kv, fast=self.fast)
         return self._window(s, hw)
 
+    # Grids of at most this many tokens take the dense fast path of window mode (one fused attention over
+    # all tokens with a neighbourhood mask); larger grids the unfold path, whose cost grows as L·k², not L².
+    DENSE_WINDOW_MAX_TOKENS = 256
+
     def _window(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
+        if self.fast and hw[0] * hw[1] <= self.DENSE_WINDOW_MAX_TOKENS:
+            return self._window_dense(s, hw)
+        return self._window_unfold(s, hw)
+
+    def neighbourhood_mask(self, hw: tuple[int, int], device: torch.device | None = None) -> Tensor:
+        """(L, L) bool: token j lies in the k×k window of token i (inside the grid)."""
+        H, W = hw
+        yx = torch.stack(torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij"), -1)
+        yx = yx.reshape(H * W, 2)  # (L, 2)
+        return ((yx[:, None, :] - yx[None, :, :]).abs() <= self.k // 2).all(-1)
+
+    def _window_dense(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Fast path: every token attends to all L tokens through one fused attention call, with the
+        neighbourhood mask: no unfold copies. Equal to :meth:`_window_unfold` up to rounding."""
+        r = self.retrieval
+        q, k, v = (rearrange(f(s), "b l (h e) -> b h l e", h=r.heads) for f in (r.q, r.k, r.v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.neighbourhood_mask(hw, s.device), scale=r.inv_temp)
+        return r.o(rearrange(out, "b h l e -> b l (h e)"))
+
+    def _window_unfold(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Reference path: gather each token's k×k neighbours (unfold, zero-padded) and attend to the
+        ones inside the grid."""
         r, (H, W), k = self.retrieval, hw, self.k
         B = s.shape[0]
         q = rearrange(r.q(s), "b l (h e) -> (b l) h 1 e", h=r.heads)
