@@ -191,6 +191,9 @@ def finish(row: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
+SWEEPS = ("memory_slots", "refine_steps", "local_mode", "image_size")
+
+
 def unfold_window(model: VHMN) -> VHMN:
     """Window mode through the unfold reference path on every grid (what it was before the dense fast path)."""
     from vhmn.model import LocalHopfield
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="CUDA: skip torch.compile")
     p.add_argument("--skip-sweeps", action="store_true")
+    p.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=list(SWEEPS), help="which sweeps to run (default: all)")
     p.add_argument("--profile", action="store_true", help="profile one V-HMN training step (torch.profiler)")
     p.add_argument("--out", default=None, help="JSON path (default results/benchmarks/<device>.json)")
     args = p.parse_args(argv)
@@ -266,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- sweeps ---------------------------------------------------------------------------
     sweeps: dict[str, list[dict]] = {}
-    if not args.skip_sweeps:
+    wanted = set() if args.skip_sweeps else set(args.sweeps)
+    if "memory_slots" in wanted:
         slots = [256, 5000] if q else [256, 512, 1024, 2048, 5000]
         sweeps["memory_slots"] = compare(
             {f"slots={n}": (lambda n=n: create_model("vhmn_tiny_cifar", local_slots=n, global_slots=n)) for n in slots},
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r, n in zip(sweeps["memory_slots"], slots):
             r["slots"] = n
         print(table("bank size (local = global slots), vhmn_tiny_cifar", sweeps["memory_slots"]) + "\n")
-
+    if "refine_steps" in wanted:
         sweeps["refine_steps"] = compare(
             {f"refine_steps={t}": (lambda t=t: create_model("vhmn_tiny_cifar", refine_steps=t)) for t in range(4)},
             args, device,
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         for t, r in enumerate(sweeps["refine_steps"]):
             r["refine_steps"] = t
         print(table("refine_steps T, vhmn_tiny_cifar", sweeps["refine_steps"]) + "\n")
-
+    if "local_mode" in wanted:
         sweeps["local_mode"] = compare(
             {"bank (default)": lambda: create_model("vhmn_tiny_cifar"),
              "window, dense fast path": lambda: create_model("vhmn_tiny_cifar", local_mode="window"),
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
             args, device,
         )
         print(table("local retrieval mode, vhmn_tiny_cifar", sweeps["local_mode"]) + "\n")
-
+    if "image_size" in wanted:
         sizes = [(32, 4), (64, 8), (224, 16)] if q else [(32, 4), (64, 4), (64, 8), (128, 8), (224, 16)]
         builders, sizes_of, meta = {}, {}, {}
         for size, patch in sizes:
@@ -322,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(),
         },
         "settings": {
-            "quick": q, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+            "quick": q, "sweeps": [w for w in SWEEPS if w in wanted], "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
             "precision": "bf16 autocast" if cuda else "float32", "compile": args.compile,
             "optimizer": "AdamW(lr=1e-4, weight_decay=0.05)",
             "peak_memory": "cuda max_memory_allocated" if cuda else "growth of process peak RSS (VmHWM) during one training step",

@@ -103,6 +103,18 @@ def test_cli_rejects_and_lists(capsys, tmp_path):
     assert main(["--list"]) == 0 and "cifar10_frac10_vhmn" in capsys.readouterr().out
 
 
+def test_provenance_is_the_code_at_the_start_of_training(root, tmp_path, monkeypatch):
+    # a commit made while a run trains must not be recorded as the run's code
+    import vhmn.provenance as provenance
+
+    trainer = Trainer(build_config(str(REPO / "tests" / "tiny_experiment.yaml"), [f"data_root={root}", "epochs=1"], out=str(tmp_path)))
+    at_start = trainer.provenance["git_commit"]
+    monkeypatch.setattr(provenance, "git_info", lambda *a, **k: {"commit": "0" * 40, "dirty": True})
+    trainer.fit()
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["provenance"]["git_commit"] == at_start != "0" * 40
+
+
 def test_schedule_warmup_then_cosine():
     f = [lr_factor(s, 10, 110, 0.01) for s in range(110)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)

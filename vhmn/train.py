@@ -400,6 +400,12 @@ class Trainer:
         self.wall_time = 0.0
         self.started_at = _now()
         self.status = "running"
+        # the code that runs: taken when the trainer starts (a commit made while it trains is not its code)
+        from .provenance import collect
+
+        self.provenance = collect(self.device, self.world_size)
+        self.provenance["command"] = ("python -m vhmn.train " + " ".join(sys.argv[1:])
+                                      if Path(sys.argv[0]).stem in ("train", "vhmn-train", "__main__") else None)
         self._stop_signal = None
         self._resume_partial = None
 
@@ -508,8 +514,6 @@ class Trainer:
         return True
 
     def results(self) -> dict:
-        from .provenance import collect
-
         m = unwrap(self.model)
         last_eval = next((h for h in reversed(self.history) if h["test_acc"] is not None), None)
         final = {"epochs_done": len(self.history)}
@@ -520,11 +524,9 @@ class Trainer:
                          best_test_acc=max(h["test_acc"] for h in self.history if h["test_acc"] is not None))
             if "ema_test_acc" in last_eval:
                 final["ema_test_acc"] = last_eval["ema_test_acc"]
-        prov = collect(self.device, self.world_size)
-        prov["command"] = "python -m vhmn.train " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).stem in ("train", "vhmn-train", "__main__") else None
         return {
             "schema": RESULTS_SCHEMA["schema"], "experiment": self.cfg.name, "status": self.status,
-            "config": asdict(self.cfg), "seed": self.cfg.seed, "provenance": prov,
+            "config": asdict(self.cfg), "seed": self.cfg.seed, "provenance": self.provenance,
             "model": {"name": self.cfg.model, "kwargs": self.cfg.model_kwargs, "num_params": self.num_params,
                       "config": m.cfg.to_dict() if isinstance(m, VHMN) else None},
             "data": {**self.data_info, "steps_per_epoch": self.steps_per_epoch},
