@@ -3,7 +3,7 @@
     python scripts/cpu_experiments.py --list              # the runs, in the order they are run
     python scripts/cpu_experiments.py --workers 2         # run what is missing (two runs at a time, one thread each)
     python scripts/cpu_experiments.py --only main         # just the table: 4 models × 3 seeds
-    python scripts/cpu_experiments.py --only curve        # the curve over 20/50% and the long-tailed set
+    python scripts/cpu_experiments.py --only curve        # 20/50/100%, the long-tailed set, and the 80-epoch control
     python scripts/cpu_experiments.py --deadline 02:15     # start no run after this UTC time
     python scripts/cpu_experiments.py --longest-first      # start the longest runs first (shortest sitting)
 
@@ -18,7 +18,7 @@ earlier sitting did not. The runs are ordered by importance: seed 0 of every mod
 then the ablations that the robustness chapter needs (refine_steps), then the other seeds, then the rest of
 the ablations, then the data curve (the same recipe on the committed 20% and 50% splits and on the long-tailed
 split ``cifar10_lt100``, V-HMN and ViT, seed 0; 100% is listed but costs about 75 (V-HMN) and 45 (ViT)
-minutes of one thread).
+minutes of one thread), then its control: the 10% split for 80 epochs, the optimiser steps of the 50% run.
 """
 from __future__ import annotations
 
@@ -70,6 +70,11 @@ CURVE: list[tuple[str, str, int, list[str]]] = [
     for name, subset in SUBSETS.items() for m in ("vhmn", "vit")
 ]
 
+# A control for the curve: with a fixed number of epochs, more images also means more optimiser steps. The 10 %
+# split trained for 80 epochs (warmup scaled with them) takes the steps of the 50 % run on the 10 % images.
+LONG = ["epochs=80", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]
+CONTROL: list[tuple[str, str, int, list[str]]] = [(f"{m}_frac10_e80_s0", f"cifar10_frac10_cpu_{m}", 0, LONG) for m in ("vhmn", "vit")]
+
 
 def cost(item: tuple[str, str, int, list[str]]) -> float:
     """Relative cost of a run for --longest-first: training images × model (V-HMN ≈ 1.7× the ViT per image)."""
@@ -77,7 +82,8 @@ def cost(item: tuple[str, str, int, list[str]]) -> float:
     subset = next((o.split("=", 1)[1] for o in overrides if o.startswith("subset=")), "cifar10_frac10")
     n = 50_000 if subset == "null" else json.loads((ROOT / "data" / "splits" / f"{subset}.json").read_text())["n"]
     slow = {"vhmn_window": 2.8, "vhmn_slots1024": 1.9, "vhmn_k5": 1.4, "vhmn_staged": 1.4}.get(run, 1.0)
-    return n * (1.7 if experiment.endswith("_vhmn") else 1.0) * slow
+    epochs = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("epochs=")), 16)
+    return n * epochs / 16 * (1.7 if experiment.endswith("_vhmn") else 1.0) * slow
 
 
 def plan(only: str | None) -> list[tuple[str, str, int, list[str]]]:
@@ -89,8 +95,8 @@ def plan(only: str | None) -> list[tuple[str, str, int, list[str]]]:
     if only == "ablations":
         return abl
     if only == "curve":
-        return CURVE
-    return main[0] + abl[:3] + main[1] + main[2] + abl[3:] + CURVE
+        return CURVE + CONTROL
+    return main[0] + abl[:3] + main[1] + main[2] + abl[3:] + CURVE + CONTROL
 
 
 def _status(path: Path) -> str | None:
