@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
         sweeps["local_mode"] = compare(
             {"bank (default)": lambda: create_model("vhmn_tiny_cifar"),
              "window, dense fast path": lambda: create_model("vhmn_tiny_cifar", local_mode="window"),
-             "window, unfold reference": lambda: unfold_window(create_model("vhmn_tiny_cifar", local_mode="window"))},
+             "window, unfold reference": lambda: unfold_window(create_model("vhmn_tiny_cifar", local_mode="window")),
+             "vit_tiny_cifar": lambda: create_model("vit_tiny_cifar")},  # the yardstick, in the same rounds
             args, device,
         )
         print(table("local retrieval mode, vhmn_tiny_cifar", sweeps["local_mode"]) + "\n")
