@@ -10,7 +10,7 @@
 Every run is ``python -m vhmn.train <experiment> seed=S [model overrides] --out runs/cpu10/<run>`` with the
 experiment configs ``cifar10_frac10_cpu_*`` (recipe ``_cpu10``: the committed stratified 10% split, the full
 test set, 16 epochs, batch 128, the shared recipe otherwise). When a run completes, its ``results.json`` is
-copied to ``results/cpu10/<run>/`` (and nothing else is written there); the main V-HMN run of seed 0 also
+copied to ``results/cpu10/<run>/``; the main V-HMN run of seed 0 also
 leaves its fp16 weights there, evaluated on the full test set by ``python -m vhmn.evaluate`` into
 ``eval-cifar10.json``; the two long-tailed runs are evaluated the same way (for their per-class accuracy).
 A run whose results are already committed is skipped, so the script can be run again to finish what an
