@@ -79,10 +79,11 @@ CONTROL: list[tuple[str, str, int, list[str]]] = [(f"{m}_frac10_e80_s0", f"cifar
 def cost(item: tuple[str, str, int, list[str]]) -> float:
     """Relative cost of a run for --longest-first: training images × model (V-HMN ≈ 1.7× the ViT per image)."""
     run, experiment, _, overrides = item
-    subset = next((o.split("=", 1)[1] for o in overrides if o.startswith("subset=")), "cifar10_frac10")
+    given = dict(o.split("=", 1) for o in overrides)
+    subset = given.get("subset", "cifar10_frac10")
     n = 50_000 if subset == "null" else json.loads((ROOT / "data" / "splits" / f"{subset}.json").read_text())["n"]
     slow = {"vhmn_window": 2.8, "vhmn_slots1024": 1.9, "vhmn_k5": 1.4, "vhmn_staged": 1.4}.get(run, 1.0)
-    epochs = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("epochs=")), 16)
+    epochs = int(given.get("epochs", 16))
     return n * epochs / 16 * (1.7 if experiment.endswith("_vhmn") else 1.0) * slow
 
 

@@ -55,17 +55,16 @@ def evaluate_model(model: torch.nn.Module, dataset: str = "cifar10", limit: int 
     idx = np.arange(min(limit, len(labels))) if limit else None
     loader = DeviceLoader(images, labels, batch_size, indices=idx, train=False, mean=info.mean, std=info.std, device=device)
     model = model.to(device).eval()
-    tot = torch.zeros(3, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     per_class = torch.zeros(2, info.num_classes, dtype=torch.float64, device=device)  # correct, images
     for x, y, _ in loader:
         logits = model(x)
         hit = (logits.argmax(-1) == y).double()
-        tot[0] += F.cross_entropy(logits.float(), y, reduction="sum")
-        tot[1] += hit.sum()
-        tot[2] += y.numel()
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         per_class[0].index_add_(0, y, hit)
         per_class[1].index_add_(0, y, torch.ones_like(hit))
-    loss, correct, n = tot.tolist()
+    loss = loss_sum.item()
+    correct, n = per_class.sum(1).tolist()  # counts: exact in float64
     class_acc = [c / k if k else float("nan") for c, k in zip(*per_class.tolist())]
     return {"dataset": dataset, "images": int(n), "accuracy": correct / n, "loss": loss / n,
             "per_class_accuracy": class_acc}
