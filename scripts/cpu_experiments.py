@@ -75,6 +75,27 @@ CURVE: list[tuple[str, str, int, list[str]]] = [
 LONG = ["epochs=80", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]
 CONTROL: list[tuple[str, str, int, list[str]]] = [(f"{m}_frac10_e80_s0", f"cifar10_frac10_cpu_{m}", 0, LONG) for m in ("vhmn", "vit")]
 
+# The converged protocol (--protocol long; issue 11): the 10% split for 100 epochs at width 64
+# (cifar10_frac10_cpulong_*), into results/cpu10long/. The ViT's budget curve (25 / 50 / 100 / 200 epochs, warmup
+# 5% of them) shows where it plateaus; the local-memory candidates are run against it at 100 epochs.
+CANDIDATES: dict[str, list[str]] = {
+    "vhmn": [],  # the current default: local bank of patch descriptors, T = 2
+    "vhmn_window": ["model.local_mode=window"],  # the k×k neighbours as the stored patterns
+    "vhmn_windowrp": ["model.local_mode=window", "model.rel_pos=true"],  # ... with a learned bias per neighbour offset
+    "vhmn_hybridrp": ["model.local_mode=hybrid", "model.rel_pos=true"],  # neighbours and bank prototypes, one softmax
+}
+VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
+               200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
+
+
+def plan_long() -> list[tuple[str, str, int, list[str]]]:
+    """The converged protocol's runs, most important first."""
+    vhmn = lambda name, seed: (f"{name}_s{seed}", "cifar10_frac10_cpulong_vhmn", seed, CANDIDATES[name])  # noqa: E731
+    vit = [(f"vit_e{e}_s0", "cifar10_frac10_cpulong_vit", 0, ov) for e, ov in VIT_BUDGETS.items()]
+    return [("vit_s0", "cifar10_frac10_cpulong_vit", 0, []), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0),
+            vhmn("vhmn_hybridrp", 0), vit[2], vit[1], vhmn("vhmn_window", 0), vit[0],
+            ("vit_s1", "cifar10_frac10_cpulong_vit", 1, []), vhmn("vhmn_windowrp", 1), vhmn("vhmn_hybridrp", 1)]
+
 
 def cost(item: tuple[str, str, int, list[str]]) -> float:
     """Relative cost of a run for --longest-first: training images × model (V-HMN ≈ 1.7× the ViT per image)."""
@@ -87,8 +108,10 @@ def cost(item: tuple[str, str, int, list[str]]) -> float:
     return n * epochs / 16 * (1.7 if experiment.endswith("_vhmn") else 1.0) * slow
 
 
-def plan(only: str | None) -> list[tuple[str, str, int, list[str]]]:
+def plan(only: str | None, protocol: str = "16") -> list[tuple[str, str, int, list[str]]]:
     """(run name, experiment, seed, overrides), most important first."""
+    if protocol == "long":
+        return plan_long()
     main = {s: [(f"{m}_s{s}", f"cifar10_frac10_cpu_{m}", s, []) for m in MODELS] for s in range(3)}
     abl = [(name, "cifar10_frac10_cpu_vhmn", 0, ov) for name, ov in ABLATIONS.items()]
     if only == "main":
@@ -161,13 +184,18 @@ def execute(run: str, experiment: str, seed: int, overrides: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (each on one CPU thread)")
+    ap.add_argument("--protocol", choices=("16", "long"), default="16",
+                    help="16: the 16-epoch protocol (results/cpu10); long: the converged one (results/cpu10long)")
     ap.add_argument("--only", choices=("main", "ablations", "curve"), default=None)
     ap.add_argument("--skip", nargs="*", default=[], help="run names not to start (e.g. vhmn_frac100_s0)")
     ap.add_argument("--longest-first", action="store_true", help="start the most expensive runs first")
     ap.add_argument("--deadline", default=None, help="HH:MM (UTC): start no run after this time")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
-    todo = [item for item in plan(args.only) if item[0] not in args.skip]
+    global RESULTS, RUNS
+    if args.protocol == "long":
+        RESULTS, RUNS = ROOT / "results" / "cpu10long", ROOT / "runs" / "cpu10long"
+    todo = [item for item in plan(args.only, args.protocol) if item[0] not in args.skip]
     if args.longest_first:
         todo.sort(key=cost, reverse=True)
     if args.list:

@@ -49,8 +49,11 @@ class VHMNConfig:
     memory: str = "episodic"  # 'episodic' (ring buffer of detached features) | 'learned' (parameters)
     local_memory: bool = True
     global_memory: bool = True
-    local_mode: str = "bank"  # 'bank': retrieve from patch prototypes | 'window': the k×k neighbours are the memory
+    # 'bank': retrieve from patch prototypes | 'window': the k×k neighbours are the memory |
+    # 'hybrid': one softmax over the k×k neighbours and the bank's prototypes (explicit stored patterns)
+    local_mode: str = "bank"
     kernel_size: int = 3  # k of the k×k neighbourhood
+    rel_pos: bool = False  # window/hybrid: a learned bias per head for each of the k² neighbour offsets
     local_slots: int = 512
     global_slots: int = 256
     local_writes: int = 64  # features each local bank writes per training step
@@ -69,7 +72,7 @@ class VHMNConfig:
         self.dims, self.depths = tuple(self.dims), tuple(self.depths)
         choices = {
             "memory": ("episodic", "learned"),
-            "local_mode": ("bank", "window"),
+            "local_mode": ("bank", "window", "hybrid"),
             "global_mod": ("add", "film"),
             "fusion": ("sum", "concat"),
             "pool": ("mean", "attn"),
@@ -88,6 +91,8 @@ class VHMNConfig:
             raise ValueError("fusion='concat' combines additive global retrievals; use global_mod='add'")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.rel_pos and self.local_mode == "bank":
+            raise ValueError("rel_pos biases the k×k neighbours of local_mode 'window' or 'hybrid'; bank mode has none")
         if self.refine_steps < 0 or not 0 < self.refine_rate <= 1:
             raise ValueError(f"need refine_steps ≥ 0 and 0 < refine_rate ≤ 1; got {self.refine_steps}, {self.refine_rate}")
         grid = self.img_size // self.patch_size
@@ -120,6 +125,11 @@ class LocalHopfield(nn.Module):
               h (B, L, d); h is the state pattern that retrieves from a bank of patch prototypes
               (stored patterns are such descriptors, written from training images).
     'window': the k×k neighbours themselves are the stored patterns (windowed attention).
+    'hybrid': each token's state retrieves, in one softmax, from its k×k neighbours *and* from a bank of
+              N explicit patch prototypes (token states written from training images, with provenance):
+              stored patterns X_i = [neighbours of i; bank], association p_i = softmax(β_H q_i K_iᵀ + b).
+    rel_pos:  b holds a learned bias per head for each of the k² neighbour offsets (window, hybrid), so
+              that a neighbour's place in the window matters; bank slots get one learned bias per head.
     """
 
     def __init__(self, dim: int, cfg: VHMNConfig):
@@ -127,10 +137,16 @@ class LocalHopfield(nn.Module):
         k = cfg.kernel_size
         self.mode, self.k, self.fast = cfg.local_mode, k, cfg.fast
         self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp)
+        heads = self.retrieval.heads
         if self.mode == "bank":
             self.neigh = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        if self.mode in ("bank", "hybrid"):
             self.memory = make_memory(cfg.memory, cfg.local_slots, dim)
             self.writes = cfg.local_writes
+        self.rel_pos = nn.Parameter(torch.zeros(heads, k * k)) if cfg.rel_pos else None  # (h, k²), offset (dy, dx) → (dy+r)·k + dx+r
+        if self.mode == "hybrid" and cfg.rel_pos:
+            self.bank_bias = nn.Parameter(torch.zeros(heads, 1))  # (h, 1): the prior weight of the bank against the neighbours
+        self._mask_cache: dict = {}
 
     def descriptor(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
         """(B, L, d) → (B, L, d): each token's k×k neighbourhood through a depthwise conv."""
@@ -138,11 +154,13 @@ class LocalHopfield(nn.Module):
         return rearrange(self.neigh(x), "b d h w -> b (h w) d")
 
     def project_memory(self):
-        return self.retrieval.project_memory(self.memory.patterns()) if self.mode == "bank" else None
+        return self.retrieval.project_memory(self.memory.patterns()) if self.mode in ("bank", "hybrid") else None
 
     def forward(self, s: Tensor, hw: tuple[int, int], kv) -> Tensor:
         if self.mode == "bank":
             return self.retrieval(self.descriptor(s, hw), kv, fast=self.fast)
+        if self.mode == "hybrid":
+            return self._hybrid(s, hw, kv)
         return self._window(s, hw)
 
     # Grids of at most this many tokens take the dense fast path of window mode (one fused attention over
@@ -154,44 +172,136 @@ class LocalHopfield(nn.Module):
             return self._window_dense(s, hw)
         return self._window_unfold(s, hw)
 
+    def _hybrid(self, s: Tensor, hw: tuple[int, int], kv) -> Tensor:
+        if self.fast and hw[0] * hw[1] <= self.DENSE_WINDOW_MAX_TOKENS:
+            return self._hybrid_dense(s, hw, kv)
+        return self._hybrid_reference(s, hw, kv)
+
     def neighbourhood_mask(self, hw: tuple[int, int], device: torch.device | None = None) -> Tensor:
         """(L, L) bool: token j lies in the k×k window of token i (inside the grid)."""
-        H, W = hw
-        yx = torch.stack(torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij"), -1)
-        yx = yx.reshape(H * W, 2)  # (L, 2)
-        return ((yx[:, None, :] - yx[None, :, :]).abs() <= self.k // 2).all(-1)
+        return self._offsets(hw, device)[1]
+
+    def _offsets(self, hw: tuple[int, int], device) -> tuple[Tensor, Tensor]:
+        """(L, L) offset index (dy+r)·k + (dx+r) of token j in the window of token i (clamped outside it), and
+        the (L, L) bool neighbourhood mask. Cached per grid and device: built once, not at every forward."""
+        key = (hw, str(device))
+        if key not in self._mask_cache:
+            H, W = hw
+            r = self.k // 2
+            yx = torch.stack(torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij"), -1)
+            d = yx.reshape(H * W, 1, 2) - yx.reshape(1, H * W, 2)  # (L, L, 2): position of i minus position of j
+            inside = (d.abs() <= r).all(-1)
+            d = -d  # offset of the neighbour j from the centre i
+            index = ((d[..., 0].clamp(-r, r) + r) * self.k + d[..., 1].clamp(-r, r) + r).long()
+            self._mask_cache[key] = (index, inside)
+        return self._mask_cache[key]
+
+    def window_bias(self, hw: tuple[int, int], device, dtype) -> Tensor:
+        """(h, L, L) float attention bias: the offset's learned bias inside the window, −inf outside."""
+        index, inside = self._offsets(hw, device)
+        heads = self.retrieval.heads
+        bias = self.rel_pos[:, index] if self.rel_pos is not None else torch.zeros(heads, *index.shape, device=device)
+        return bias.to(dtype).masked_fill(~inside, float("-inf"))
+
+    def _qkv(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r = self.retrieval
+        return tuple(rearrange(f(s), "b l (h e) -> b h l e", h=r.heads) for f in (r.q, r.k, r.v))
 
     def _window_dense(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
         """Fast path: every token attends to all L tokens through one fused attention call, with the
         neighbourhood mask: no unfold copies. Equal to :meth:`_window_unfold` up to rounding."""
         r = self.retrieval
-        q, k, v = (rearrange(f(s), "b l (h e) -> b h l e", h=r.heads) for f in (r.q, r.k, r.v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.neighbourhood_mask(hw, s.device), scale=r.inv_temp)
+        q, k, v = self._qkv(s)  # (B, h, L, e) each
+        if self.rel_pos is None:
+            mask = self.neighbourhood_mask(hw, s.device)  # (L, L) bool
+        else:
+            mask = self.window_bias(hw, s.device, q.dtype)  # (h, L, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=r.inv_temp)
         return r.o(rearrange(out, "b h l e -> b l (h e)"))
+
+    def _neighbours(self, t: Tensor, hw: tuple[int, int]) -> Tensor:
+        """(B, L, d) → (B·L, heads, k², e): each token's k×k neighbours (zero-padded outside the grid)."""
+        k = self.k
+        t = F.unfold(rearrange(t, "b (y x) d -> b d y x", y=hw[0]), k, padding=k // 2)  # (B, d·k², L)
+        return rearrange(t, "b (h e kk) l -> (b l) h kk e", h=self.retrieval.heads, kk=k * k)
+
+    def _unfold_bias(self, hw: tuple[int, int], device, dtype) -> Tensor:
+        """(L, h, 1, k²) float: the offset bias for neighbours inside the grid, −inf for the zero padding."""
+        H, W = hw
+        ones = torch.ones(1, 1, H, W, device=device, dtype=dtype)
+        valid = rearrange(F.unfold(ones, self.k, padding=self.k // 2) > 0, "1 kk l -> l 1 1 kk")  # (L, 1, 1, k²)
+        heads = self.retrieval.heads
+        bias = self.rel_pos if self.rel_pos is not None else torch.zeros(heads, self.k**2, device=device)
+        return bias.to(dtype)[None, :, None, :].masked_fill(~valid, float("-inf"))  # (L, h, 1, k²)
 
     def _window_unfold(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
         """Reference path: gather each token's k×k neighbours (unfold, zero-padded) and attend to the
         ones inside the grid."""
-        r, (H, W), k = self.retrieval, hw, self.k
-        B = s.shape[0]
+        r, B = self.retrieval, s.shape[0]
         q = rearrange(r.q(s), "b l (h e) -> (b l) h 1 e", h=r.heads)
-
-        def neighbours(t: Tensor) -> Tensor:  # (B, L, d) → (B·L, heads, k², e), zero-padded
-            t = F.unfold(rearrange(t, "b (y x) d -> b d y x", y=H), k, padding=k // 2)  # (B, d·k², L)
-            return rearrange(t, "b (h e kk) l -> (b l) h kk e", h=r.heads, kk=k * k)
-
-        ones = torch.ones(1, 1, H, W, device=s.device, dtype=s.dtype)
-        valid = F.unfold(ones, k, padding=k // 2) > 0  # (1, k², L): False where the window leaves the grid
-        mask = rearrange(valid, "1 kk l -> l 1 1 kk").repeat(B, 1, 1, 1)  # (B·L, 1, 1, k²)
-        out = F.scaled_dot_product_attention(q, neighbours(r.k(s)), neighbours(r.v(s)), attn_mask=mask, scale=r.inv_temp)
+        mask = self._unfold_bias(hw, s.device, q.dtype).repeat(B, 1, 1, 1)  # (B·L, h, 1, k²)
+        out = F.scaled_dot_product_attention(q, self._neighbours(r.k(s), hw), self._neighbours(r.v(s), hw), attn_mask=mask, scale=r.inv_temp)
         return r.o(rearrange(out, "(b l) h 1 e -> b l (h e)", b=B))
 
+    def _hybrid_dense(self, s: Tensor, hw: tuple[int, int], kv) -> Tensor:
+        """Fast path of 'hybrid': one fused attention over [all L tokens (neighbourhood-masked); the N bank slots]."""
+        r, B = self.retrieval, s.shape[0]
+        q, k, v = self._qkv(s)  # (B, h, L, e)
+        kb, vb = kv  # (1, h, N, e)
+        N = kb.shape[2]
+        keys = torch.cat([k, kb.expand(B, -1, -1, -1)], dim=2)  # (B, h, L+N, e)
+        values = torch.cat([v, vb.expand(B, -1, -1, -1)], dim=2)
+        mask = torch.cat([self.window_bias(hw, s.device, q.dtype), self._bank_bias(q.dtype).expand(-1, q.shape[2], N)], dim=2)  # (h, L, L+N)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=r.inv_temp)
+        return r.o(rearrange(out, "b h l e -> b l (h e)"))
+
+    def _bank_bias(self, dtype) -> Tensor:
+        heads = self.retrieval.heads
+        b = getattr(self, "bank_bias", None)
+        return (b if b is not None else torch.zeros(heads, 1, device=self.retrieval.q.weight.device)).to(dtype)[:, None, :]  # (h, 1, 1)
+
+    def hybrid_logits(self, s: Tensor, hw: tuple[int, int], kv) -> tuple[Tensor, Tensor]:
+        """The readable way: logits of each token's k² neighbours (B·L, h, k²) and of the N bank slots
+        (B·L, h, N), biases included (−inf for neighbours outside the grid)."""
+        r, B = self.retrieval, s.shape[0]
+        q = rearrange(r.q(s), "b l (h e) -> (b l) h e", h=r.heads)
+        logits_n = r.inv_temp * torch.einsum("qhe,qhke->qhk", q, self._neighbours(r.k(s), hw))
+        logits_n = logits_n + self._unfold_bias(hw, s.device, q.dtype)[:, :, 0, :].repeat(B, 1, 1)
+        logits_b = r.inv_temp * torch.einsum("qhe,hne->qhn", q, kv[0][0]) + self._bank_bias(q.dtype)[:, 0, :]
+        return logits_n, logits_b
+
+    def _hybrid_reference(self, s: Tensor, hw: tuple[int, int], kv) -> Tensor:
+        """Reference path of 'hybrid': neighbours by unfold, the bank shared, one softmax over both."""
+        r, B = self.retrieval, s.shape[0]
+        logits_n, logits_b = self.hybrid_logits(s, hw, kv)
+        p = torch.softmax(torch.cat([logits_n, logits_b], dim=-1), dim=-1)  # (B·L, h, k² + N)
+        kk = self.k**2
+        out = torch.einsum("qhk,qhke->qhe", p[..., :kk], self._neighbours(r.v(s), hw))
+        out = out + torch.einsum("qhn,hne->qhe", p[..., kk:], kv[1][0])
+        return r.o(rearrange(out, "(b l) h e -> b l (h e)", b=B))
+
+    def bank_association(self, s: Tensor, hw: tuple[int, int], kv) -> tuple[Tensor, Tensor]:
+        """Inspection. 'bank': the association over the N slots (B, h, L, N). 'hybrid': the same association's
+        share on the bank slots (B, h, L, N; rows sum to the bank's share of the mass, not to 1) and that
+        share (B, h, L). None in window mode."""
+        if self.mode == "bank":
+            p = self.retrieval.association(self.descriptor(s, hw), kv)
+            return p, p.sum(-1)
+        if self.mode == "hybrid":
+            B = s.shape[0]
+            logits_n, logits_b = self.hybrid_logits(s, hw, kv)
+            p = torch.softmax(torch.cat([logits_n, logits_b], dim=-1), dim=-1)[..., self.k**2 :]
+            p = rearrange(p, "(b l) h n -> b h l n", b=B)
+            return p, p.sum(-1)
+        return None
+
     def write(self, s: Tensor, hw: tuple[int, int], ctx: dict) -> None:
-        """Write ``local_writes`` random token descriptors of this batch (detached)."""
-        if self.mode != "bank":
+        """Write ``local_writes`` random tokens of this batch (detached): their descriptors in 'bank' mode,
+        their states in 'hybrid' mode."""
+        if self.mode == "window":
             return
         with torch.no_grad():
-            h = self.descriptor(s, hw).flatten(0, 1)  # (B·L, d)
+            h = (self.descriptor(s, hw) if self.mode == "bank" else s).flatten(0, 1)  # (B·L, d)
             L = hw[0] * hw[1]
             pick = torch.randperm(h.shape[0], device=h.device)[: self.writes]
             img = pick // L
@@ -273,8 +383,10 @@ class MemoryMixer(nn.Module):
 
         def on_step(t: int, z: Tensor, m: Tensor) -> None:
             step = {"pred_error": (m - z).norm(dim=-1).mean(-1).detach()}  # (B,)
-            if self.local is not None and self.local.mode == "bank":
-                step["local_assoc"] = self.local.retrieval.association(self.local.descriptor(z, hw), kv_l).mean(1).detach()
+            if self.local is not None and self.local.mode != "window":
+                p, share = self.local.bank_association(z, hw, kv_l)  # (B, h, L, N), (B, h, L)
+                step["local_assoc"] = p.mean(1).detach()  # (B, L, N)
+                step["local_bank_share"] = share.mean(1).detach()  # (B, L): 1 in bank mode
             if self.glob is not None:
                 step["global_assoc"] = self.glob.retrieval.association(z.mean(1, keepdim=True), kv_g).mean(1)[:, 0].detach()
             entry["steps"].append(step)
