@@ -129,7 +129,8 @@ class LocalHopfield(nn.Module):
               N explicit patch prototypes (token states written from training images, with provenance):
               stored patterns X_i = [neighbours of i; bank], association p_i = softmax(β_H q_i K_iᵀ + b).
     rel_pos:  b holds a learned bias per head for each of the k² neighbour offsets (window, hybrid), so
-              that a neighbour's place in the window matters; bank slots get one learned bias per head.
+              that a neighbour's place in the window matters. In 'hybrid' mode the bank slots share one
+              learned bias per head (the bank's log-prior against the neighbours).
     """
 
     def __init__(self, dim: int, cfg: VHMNConfig):
@@ -144,8 +145,10 @@ class LocalHopfield(nn.Module):
             self.memory = make_memory(cfg.memory, cfg.local_slots, dim)
             self.writes = cfg.local_writes
         self.rel_pos = nn.Parameter(torch.zeros(heads, k * k)) if cfg.rel_pos else None  # (h, k²), offset (dy, dx) → (dy+r)·k + dx+r
-        if self.mode == "hybrid" and cfg.rel_pos:
-            self.bank_bias = nn.Parameter(torch.zeros(heads, 1))  # (h, 1): the prior weight of the bank against the neighbours
+        if self.mode == "hybrid":
+            # (h, 1): a learned log-prior of the bank slots against the neighbours; log(k²/N) gives the bank as a whole
+            # the weight of the k² neighbours at initialisation (with 0 the N slots would outweigh them N : k²)
+            self.bank_bias = nn.Parameter(torch.full((heads, 1), math.log(k * k / cfg.local_slots)))
         self._mask_cache: dict = {}
 
     def descriptor(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -257,8 +260,7 @@ class LocalHopfield(nn.Module):
 
     def _bank_bias(self, dtype) -> Tensor:
         heads = self.retrieval.heads
-        b = getattr(self, "bank_bias", None)
-        return (b if b is not None else torch.zeros(heads, 1, device=self.retrieval.q.weight.device)).to(dtype)[:, None, :]  # (h, 1, 1)
+        return self.bank_bias.to(dtype)[:, None, :]  # (h, 1, 1)
 
     def hybrid_logits(self, s: Tensor, hw: tuple[int, int], kv) -> tuple[Tensor, Tensor]:
         """The readable way: logits of each token's k² neighbours (B·L, h, k²) and of the N bank slots

@@ -95,6 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # CPU intra-op threads (torch.set_num_threads); None = torch's default
     export_fp16: bool = True  # also write <out_dir>/model-fp16.safetensors at the end
+    diagnose: int = 0  # V-HMN: at every evaluation, memory diagnostics (vhmn.diagnostics) on this many test images
     smoke: dict = field(default_factory=dict)  # overrides applied by --smoke
 
     def __post_init__(self):
@@ -126,13 +127,13 @@ RESULTS_SCHEMA = {
     "provenance": "git_commit, git_dirty, versions{python,torch,numpy,timm,torchvision,safetensors,einops,vhmn}, device, world_size, command",
     "model": "{name, kwargs, num_params, config (V-HMN: the full VHMNConfig)}",
     "data": "{dataset, subset, train_images, test_images, steps_per_epoch, stand_in (smoke runs on another dataset, else null)}",
-    "epochs": "per epoch: epoch, lr, train_loss, train_acc, test_loss, test_acc (null when not evaluated), [ema_test_acc], images_per_s, epoch_time_s",
+    "epochs": "per epoch: epoch, lr, train_loss, train_acc, test_loss, test_acc (null when not evaluated), [ema_test_acc], [memory (diagnose > 0)], images_per_s, epoch_time_s",
     "final": "{epochs_done, train_loss, train_acc, test_loss, test_acc, best_test_acc, [ema_test_acc]}",
     "wall_time_s": "seconds of training (summed over resumptions)",
     "started_at / finished_at": "UTC ISO times",
 }
 
-_RESUME_MAY_DIFFER = {"device", "threads", "compile", "eval_every", "ckpt_every", "out_dir", "nan_check_every", "num_workers", "data_root", "description"}
+_RESUME_MAY_DIFFER = {"device", "threads", "diagnose", "compile", "eval_every", "ckpt_every", "out_dir", "nan_check_every", "num_workers", "data_root", "description"}
 
 
 # --------------------------------------------------------------------------------------
@@ -559,6 +560,19 @@ class Trainer:
         loss, correct, n = tot.tolist()
         return loss / max(n, 1), correct / max(n, 1)
 
+    def diagnose(self) -> dict:
+        """Memory diagnostics (:func:`vhmn.diagnostics.memory_diagnostics`) on the first ``diagnose`` test images."""
+        from .diagnostics import memory_diagnostics
+
+        xs, ys, n = [], [], 0
+        for x, y, _ in self.test_loader:
+            xs.append(x), ys.append(y)
+            n += len(y)
+            if n >= self.cfg.diagnose:
+                break
+        x, y = torch.cat(xs)[: self.cfg.diagnose], torch.cat(ys)[: self.cfg.diagnose]
+        return memory_diagnostics(unwrap(self.model), x.float(), y)
+
     # ---- training ---------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         """SIGTERM / first Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort."""
@@ -699,6 +713,8 @@ class Trainer:
             record["test_loss"], record["test_acc"] = self.evaluate()
             if self.ema is not None:
                 record["ema_test_acc"] = self.evaluate(self.ema.module)[1]
+            if cfg.diagnose and self.is_vhmn:
+                record["memory"] = self.diagnose()
         self.history.append(record)
         self.epoch = epoch + 1
         if self.epoch % cfg.ckpt_every == 0 or last:
