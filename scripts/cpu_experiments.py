@@ -82,7 +82,8 @@ CANDIDATES: dict[str, list[str]] = {
     "vhmn": [],  # the current default: local bank of patch descriptors, T = 2
     "vhmn_window": ["model.local_mode=window"],  # the k×k neighbours as the stored patterns
     "vhmn_windowrp": ["model.local_mode=window", "model.rel_pos=true"],  # ... with a learned bias per neighbour offset
-    "vhmn_hybridrp": ["model.local_mode=hybrid", "model.rel_pos=true"],  # neighbours and bank prototypes, one softmax
+    "vhmn_windowrpin": ["model.local_mode=window", "model.rel_pos=true", "model.window_stored=input"],  # ... stored = u
+    "vhmn_hybridrpin": ["model.local_mode=hybrid", "model.rel_pos=true", "model.window_stored=input"],  # + bank, one softmax
 }
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
@@ -91,21 +92,11 @@ VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["ep
 def plan_long() -> list[tuple[str, str, int, list[str]]]:
     """The converged protocol's runs, most important first."""
     vhmn = lambda name, seed: (f"{name}_s{seed}", "cifar10_frac10_cpulong_vhmn", seed, CANDIDATES[name])  # noqa: E731
-    vit = [(f"vit_e{e}_s0", "cifar10_frac10_cpulong_vit", 0, ov) for e, ov in VIT_BUDGETS.items()]
-    return [("vit_s0", "cifar10_frac10_cpulong_vit", 0, []), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0),
-            vhmn("vhmn_hybridrp", 0), vit[2], vit[1], vhmn("vhmn_window", 0), vit[0],
-            ("vit_s1", "cifar10_frac10_cpulong_vit", 1, []), vhmn("vhmn_windowrp", 1), vhmn("vhmn_hybridrp", 1)]
-
-
-def cost(item: tuple[str, str, int, list[str]]) -> float:
-    """Relative cost of a run for --longest-first: training images × model (V-HMN ≈ 1.7× the ViT per image)."""
-    run, experiment, _, overrides = item
-    given = dict(o.split("=", 1) for o in overrides)
-    subset = given.get("subset", "cifar10_frac10")
-    n = 50_000 if subset == "null" else json.loads((ROOT / "data" / "splits" / f"{subset}.json").read_text())["n"]
-    slow = {"vhmn_window": 2.8, "vhmn_slots1024": 1.9, "vhmn_k5": 1.4, "vhmn_staged": 1.4}.get(run, 1.0)
-    epochs = int(given.get("epochs", 16))
-    return n * epochs / 16 * (1.7 if experiment.endswith("_vhmn") else 1.0) * slow
+    vit = {e: (f"vit_e{e}_s0", "cifar10_frac10_cpulong_vit", 0, ov) for e, ov in VIT_BUDGETS.items()}
+    vit_seed = lambda seed: (f"vit_s{seed}", "cifar10_frac10_cpulong_vit", seed, [])  # noqa: E731
+    return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn_windowrpin", 0), vhmn("vhmn", 0), vit[200],
+            vhmn("vhmn_hybridrpin", 0), vit[50], vhmn("vhmn_window", 0), vit[25], vit_seed(1), vhmn("vhmn_windowrpin", 1),
+            vit_seed(2), vhmn("vhmn_windowrpin", 2), vhmn("vhmn_hybridrpin", 1)]
 
 
 def plan(only: str | None, protocol: str = "16") -> list[tuple[str, str, int, list[str]]]:

@@ -73,7 +73,7 @@ def memory_diagnostics(model, images: Tensor, labels: Tensor, batch_size: int = 
                 top = torch.cat([r[1] for r in a[kind]])
                 y = torch.cat([r[2] for r in a[kind]])
                 d["label_agreement"], d["chance"] = _agreement(top, y, mod.memory.provenance()["label"], num_classes)
-            if a[kind][0][3] is not None:
+            if kind == "local" and mod.mode == "hybrid":
                 d["bank_share"] = torch.cat([r[3].flatten() for r in a[kind]]).mean().item()
             out[kind] = d
         blocks.append(out)

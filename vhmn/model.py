@@ -54,6 +54,9 @@ class VHMNConfig:
     local_mode: str = "bank"
     kernel_size: int = 3  # k of the k×k neighbourhood
     rel_pos: bool = False  # window/hybrid: a learned bias per head for each of the k² neighbour offsets
+    # window/hybrid: the neighbours stored as patterns are the current refinement 'state' (re-projected at every
+    # step) or the block 'input' u = LN(z), fixed while the state is refined (as a Hopfield memory is fixed)
+    window_stored: str = "state"
     local_slots: int = 512
     global_slots: int = 256
     local_writes: int = 64  # features each local bank writes per training step
@@ -75,6 +78,7 @@ class VHMNConfig:
             "local_mode": ("bank", "window", "hybrid"),
             "global_mod": ("add", "film"),
             "fusion": ("sum", "concat"),
+            "window_stored": ("state", "input"),
             "pool": ("mean", "attn"),
         }
         for name, allowed in choices.items():
@@ -128,6 +132,9 @@ class LocalHopfield(nn.Module):
     'hybrid': each token's state retrieves, in one softmax, from its k×k neighbours *and* from a bank of
               N explicit patch prototypes (token states written from training images, with provenance):
               stored patterns X_i = [neighbours of i; bank], association p_i = softmax(β_H q_i K_iᵀ + b).
+    window_stored='input': the neighbours' keys and values are projected once per block from its input u and
+              stay fixed through the refinement steps; only the state (the query) moves. 'state': they are
+              re-projected from the current state at every step.
     rel_pos:  b holds a learned bias per head for each of the k² neighbour offsets (window, hybrid), so
               that a neighbour's place in the window matters. In 'hybrid' mode the bank slots share one
               learned bias per head (the bank's log-prior against the neighbours).
@@ -137,6 +144,7 @@ class LocalHopfield(nn.Module):
         super().__init__()
         k = cfg.kernel_size
         self.mode, self.k, self.fast = cfg.local_mode, k, cfg.fast
+        self.window_stored = cfg.window_stored
         self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp)
         heads = self.retrieval.heads
         if self.mode == "bank":
@@ -159,26 +167,35 @@ class LocalHopfield(nn.Module):
     def project_memory(self):
         return self.retrieval.project_memory(self.memory.patterns()) if self.mode in ("bank", "hybrid") else None
 
-    def forward(self, s: Tensor, hw: tuple[int, int], kv) -> Tensor:
+    def stored_tokens(self, u: Tensor) -> tuple[Tensor, Tensor] | None:
+        """window_stored='input': keys and values (B, L, d) of the block input's tokens, projected once per block
+        forward and shared by the refinement steps. None otherwise (bank mode, or window_stored='state')."""
+        if self.mode == "bank" or self.window_stored == "state":
+            return None
+        return self.retrieval.k(u), self.retrieval.v(u)
+
+    def forward(self, s: Tensor, hw: tuple[int, int], kv, tokens: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """s (B, L, d) → retrieval (B, L, d). kv: the bank's projected keys/values (bank, hybrid); tokens: the
+        neighbours' keys/values (window_stored='input'; None: projected from s)."""
         if self.mode == "bank":
             return self.retrieval(self.descriptor(s, hw), kv, fast=self.fast)
         if self.mode == "hybrid":
-            return self._hybrid(s, hw, kv)
-        return self._window(s, hw)
+            return self._hybrid(s, hw, kv, tokens)
+        return self._window(s, hw, tokens)
 
     # Grids of at most this many tokens take the dense fast path of window mode (one fused attention over
     # all tokens with a neighbourhood mask); larger grids the unfold path, whose cost grows as L·k², not L².
     DENSE_WINDOW_MAX_TOKENS = 256
 
-    def _window(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
+    def _window(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
         if self.fast and hw[0] * hw[1] <= self.DENSE_WINDOW_MAX_TOKENS:
-            return self._window_dense(s, hw)
-        return self._window_unfold(s, hw)
+            return self._window_dense(s, hw, tokens)
+        return self._window_unfold(s, hw, tokens)
 
-    def _hybrid(self, s: Tensor, hw: tuple[int, int], kv) -> Tensor:
+    def _hybrid(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> Tensor:
         if self.fast and hw[0] * hw[1] <= self.DENSE_WINDOW_MAX_TOKENS:
-            return self._hybrid_dense(s, hw, kv)
-        return self._hybrid_reference(s, hw, kv)
+            return self._hybrid_dense(s, hw, kv, tokens)
+        return self._hybrid_reference(s, hw, kv, tokens)
 
     def neighbourhood_mask(self, hw: tuple[int, int], device: torch.device | None = None) -> Tensor:
         """(L, L) bool: token j lies in the k×k window of token i (inside the grid)."""
@@ -206,15 +223,19 @@ class LocalHopfield(nn.Module):
         bias = self.rel_pos[:, index] if self.rel_pos is not None else torch.zeros(heads, *index.shape, device=device)
         return bias.to(dtype).masked_fill(~inside, float("-inf"))
 
-    def _qkv(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r = self.retrieval
-        return tuple(rearrange(f(s), "b l (h e) -> b h l e", h=r.heads) for f in (r.q, r.k, r.v))
+    def _kv(self, s: Tensor, tokens) -> tuple[Tensor, Tensor]:
+        """The neighbours' keys and values (B, L, d): given (window_stored='input') or projected from the state s."""
+        return tokens if tokens is not None else (self.retrieval.k(s), self.retrieval.v(s))
 
-    def _window_dense(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
+    def _qkv(self, s: Tensor, tokens=None) -> tuple[Tensor, Tensor, Tensor]:
+        r = self.retrieval
+        return tuple(rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (r.q(s), *self._kv(s, tokens)))
+
+    def _window_dense(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
         """Fast path: every token attends to all L tokens through one fused attention call, with the
         neighbourhood mask: no unfold copies. Equal to :meth:`_window_unfold` up to rounding."""
         r = self.retrieval
-        q, k, v = self._qkv(s)  # (B, h, L, e) each
+        q, k, v = self._qkv(s, tokens)  # (B, h, L, e) each
         if self.rel_pos is None:
             mask = self.neighbourhood_mask(hw, s.device)  # (L, L) bool
         else:
@@ -237,19 +258,20 @@ class LocalHopfield(nn.Module):
         bias = self.rel_pos if self.rel_pos is not None else torch.zeros(heads, self.k**2, device=device)
         return bias.to(dtype)[None, :, None, :].masked_fill(~valid, float("-inf"))  # (L, h, 1, k²)
 
-    def _window_unfold(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
+    def _window_unfold(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
         """Reference path: gather each token's k×k neighbours (unfold, zero-padded) and attend to the
         ones inside the grid."""
         r, B = self.retrieval, s.shape[0]
         q = rearrange(r.q(s), "b l (h e) -> (b l) h 1 e", h=r.heads)
         mask = self._unfold_bias(hw, s.device, q.dtype).repeat(B, 1, 1, 1)  # (B·L, h, 1, k²)
-        out = F.scaled_dot_product_attention(q, self._neighbours(r.k(s), hw), self._neighbours(r.v(s), hw), attn_mask=mask, scale=r.inv_temp)
+        k, v = self._kv(s, tokens)
+        out = F.scaled_dot_product_attention(q, self._neighbours(k, hw), self._neighbours(v, hw), attn_mask=mask, scale=r.inv_temp)
         return r.o(rearrange(out, "(b l) h 1 e -> b l (h e)", b=B))
 
-    def _hybrid_dense(self, s: Tensor, hw: tuple[int, int], kv) -> Tensor:
+    def _hybrid_dense(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> Tensor:
         """Fast path of 'hybrid': one fused attention over [all L tokens (neighbourhood-masked); the N bank slots]."""
         r, B = self.retrieval, s.shape[0]
-        q, k, v = self._qkv(s)  # (B, h, L, e)
+        q, k, v = self._qkv(s, tokens)  # (B, h, L, e)
         kb, vb = kv  # (1, h, N, e)
         N = kb.shape[2]
         keys = torch.cat([k, kb.expand(B, -1, -1, -1)], dim=2)  # (B, h, L+N, e)
@@ -262,27 +284,27 @@ class LocalHopfield(nn.Module):
         heads = self.retrieval.heads
         return self.bank_bias.to(dtype)[:, None, :]  # (h, 1, 1)
 
-    def hybrid_logits(self, s: Tensor, hw: tuple[int, int], kv) -> tuple[Tensor, Tensor]:
+    def hybrid_logits(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> tuple[Tensor, Tensor]:
         """The readable way: logits of each token's k² neighbours (B·L, h, k²) and of the N bank slots
         (B·L, h, N), biases included (−inf for neighbours outside the grid)."""
         r, B = self.retrieval, s.shape[0]
         q = rearrange(r.q(s), "b l (h e) -> (b l) h e", h=r.heads)
-        logits_n = r.inv_temp * torch.einsum("qhe,qhke->qhk", q, self._neighbours(r.k(s), hw))
+        logits_n = r.inv_temp * torch.einsum("qhe,qhke->qhk", q, self._neighbours(self._kv(s, tokens)[0], hw))
         logits_n = logits_n + self._unfold_bias(hw, s.device, q.dtype)[:, :, 0, :].repeat(B, 1, 1)
         logits_b = r.inv_temp * torch.einsum("qhe,hne->qhn", q, kv[0][0]) + self._bank_bias(q.dtype)[:, 0, :]
         return logits_n, logits_b
 
-    def _hybrid_reference(self, s: Tensor, hw: tuple[int, int], kv) -> Tensor:
+    def _hybrid_reference(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> Tensor:
         """Reference path of 'hybrid': neighbours by unfold, the bank shared, one softmax over both."""
         r, B = self.retrieval, s.shape[0]
-        logits_n, logits_b = self.hybrid_logits(s, hw, kv)
+        logits_n, logits_b = self.hybrid_logits(s, hw, kv, tokens)
         p = torch.softmax(torch.cat([logits_n, logits_b], dim=-1), dim=-1)  # (B·L, h, k² + N)
         kk = self.k**2
-        out = torch.einsum("qhk,qhke->qhe", p[..., :kk], self._neighbours(r.v(s), hw))
+        out = torch.einsum("qhk,qhke->qhe", p[..., :kk], self._neighbours(self._kv(s, tokens)[1], hw))
         out = out + torch.einsum("qhn,hne->qhe", p[..., kk:], kv[1][0])
         return r.o(rearrange(out, "(b l) h e -> b l (h e)", b=B))
 
-    def bank_association(self, s: Tensor, hw: tuple[int, int], kv) -> tuple[Tensor, Tensor]:
+    def bank_association(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> tuple[Tensor, Tensor]:
         """Inspection. 'bank': the association over the N slots (B, h, L, N). 'hybrid': the same association's
         share on the bank slots (B, h, L, N; rows sum to the bank's share of the mass, not to 1) and that
         share (B, h, L). None in window mode."""
@@ -291,7 +313,7 @@ class LocalHopfield(nn.Module):
             return p, p.sum(-1)
         if self.mode == "hybrid":
             B = s.shape[0]
-            logits_n, logits_b = self.hybrid_logits(s, hw, kv)
+            logits_n, logits_b = self.hybrid_logits(s, hw, kv, tokens)
             p = torch.softmax(torch.cat([logits_n, logits_b], dim=-1), dim=-1)[..., self.k**2 :]
             p = rearrange(p, "(b l) h n -> b h l n", b=B)
             return p, p.sum(-1)
@@ -347,9 +369,9 @@ class MemoryMixer(nn.Module):
         if cfg.fusion == "concat" and self.local is not None and self.glob is not None:
             self.fuse = nn.Linear(2 * dim, dim)
 
-    def predict(self, s: Tensor, hw: tuple[int, int], kv_l, kv_g) -> Tensor:
+    def predict(self, s: Tensor, hw: tuple[int, int], kv_l, kv_g, tokens=None) -> Tensor:
         """The memory's prediction m(s): (B, L, d) → (B, L, d)."""
-        m = self.local(s, hw, kv_l) if self.local is not None else None
+        m = self.local(s, hw, kv_l, tokens) if self.local is not None else None
         if self.glob is None:
             return m
         g = self.glob(s, kv_g)  # (B, 1, d)
@@ -371,14 +393,15 @@ class MemoryMixer(nn.Module):
                 self.glob.write(u, ctx)
         kv_l = self.local.project_memory() if self.local is not None else None
         kv_g = self.glob.project_memory() if self.glob is not None else None
+        tokens = self.local.stored_tokens(u) if self.local is not None else None  # fixed neighbours (window_stored='input')
         on_step = None
         if ctx is not None and ctx.get("record") is not None:
-            on_step = self._recorder(ctx["record"], hw, kv_l, kv_g)
+            on_step = self._recorder(ctx["record"], hw, kv_l, kv_g, tokens)
         return predictive_coding_refine(
-            u, lambda s: self.predict(s, hw, kv_l, kv_g), cfg.refine_rate, cfg.refine_steps, on_step
+            u, lambda s: self.predict(s, hw, kv_l, kv_g, tokens), cfg.refine_rate, cfg.refine_steps, on_step
         )
 
-    def _recorder(self, record: list, hw, kv_l, kv_g):
+    def _recorder(self, record: list, hw, kv_l, kv_g, tokens=None):
         """Inspection: per refinement step, the associations and the prediction error."""
         entry = {"hw": hw, "steps": []}
         record.append(entry)
@@ -386,7 +409,7 @@ class MemoryMixer(nn.Module):
         def on_step(t: int, z: Tensor, m: Tensor) -> None:
             step = {"pred_error": (m - z).norm(dim=-1).mean(-1).detach()}  # (B,)
             if self.local is not None and self.local.mode != "window":
-                p, share = self.local.bank_association(z, hw, kv_l)  # (B, h, L, N), (B, h, L)
+                p, share = self.local.bank_association(z, hw, kv_l, tokens)  # (B, h, L, N), (B, h, L)
                 step["local_assoc"] = p.mean(1).detach()  # (B, L, N)
                 step["local_bank_share"] = share.mean(1).detach()  # (B, L): 1 in bank mode
             if self.glob is not None:

@@ -1,0 +1,202 @@
+"""The local memory's 'hybrid' mode and the neighbour-offset bias (rel_pos), and vhmn.diagnostics.
+
+A brute-force per-token computation (a loop over tokens, heads and neighbours) is the reference for the
+fast dense path and the unfold/einsum reference path, in values and gradients; rel_pos makes the retrieval
+depend on where a neighbour sits in the window (without it, a window is a set); the bank's log-prior starts
+with bank and neighbours weighing alike; hybrid writes token states with provenance; the diagnostics equal a
+hand computation on a known association.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from vhmn import create_model
+from vhmn.diagnostics import effective_slots, memory_diagnostics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def local_of(**kw):
+    torch.manual_seed(0)
+    return create_model("vhmn_test", **kw).double().stages[0][0].mixer.local
+
+
+def randomise(local):
+    with torch.no_grad():
+        if local.rel_pos is not None:
+            local.rel_pos.normal_()
+        if hasattr(local, "bank_bias"):
+            local.bank_bias.normal_()
+        if hasattr(local, "memory"):
+            local.memory.bank[:] = torch.randn_like(local.memory.bank)
+
+
+def brute_force(local, s, hw):
+    """Each token, each head: softmax over [its in-grid k×k neighbours (+ offset bias); the bank (+ bank bias)]."""
+    r, (H, W), k = local.retrieval, hw, local.k
+    B, L, d = s.shape
+    e, rad = r.head_dim, k // 2
+    q, kk, vv = r.q(s), r.k(s), r.v(s)
+    hybrid = local.mode == "hybrid"
+    if hybrid:
+        kb, vb = (t[0] for t in local.project_memory())  # (h, N, e)
+    out = torch.zeros(B, L, d, dtype=s.dtype)
+    for b in range(B):
+        for y in range(H):
+            for x in range(W):
+                i = y * W + x
+                nb = [(yy * W + xx, (yy - y + rad) * k + (xx - x + rad))
+                      for yy in range(y - rad, y + rad + 1) for xx in range(x - rad, x + rad + 1) if 0 <= yy < H and 0 <= xx < W]
+                idx = [j for j, _ in nb]
+                for h in range(r.heads):
+                    sl = slice(h * e, (h + 1) * e)
+                    logits = r.inv_temp * kk[b, idx, sl] @ q[b, i, sl]
+                    if local.rel_pos is not None:
+                        logits = logits + local.rel_pos[h, [o for _, o in nb]]
+                    values = vv[b, idx, sl]
+                    if hybrid:
+                        logits = torch.cat([logits, r.inv_temp * kb[h] @ q[b, i, sl] + local.bank_bias[h, 0]])
+                        values = torch.cat([values, vb[h]])
+                    out[b, i, sl] = torch.softmax(logits, 0) @ values
+    return r.o(out)
+
+
+CASES = [dict(local_mode="window", rel_pos=True), dict(local_mode="hybrid"), dict(local_mode="hybrid", rel_pos=True)]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("hw", [(4, 6), (3, 3)])
+def test_fast_and_reference_paths_equal_the_brute_force(kw, k, hw):
+    local = local_of(kernel_size=k, **kw)
+    randomise(local)
+    s = torch.randn(2, hw[0] * hw[1], 32, dtype=torch.float64, requires_grad=True)
+    kv = local.project_memory()
+    ref_path = local._window_unfold if kw["local_mode"] == "window" else (lambda s, hw: local._hybrid_reference(s, hw, kv))
+    outs = [local(s, hw, kv), ref_path(s, hw), brute_force(local, s, hw)]
+    params = [s] + [p for p in (local.rel_pos, getattr(local, "bank_bias", None)) if p is not None]
+    grads = [torch.autograd.grad(o.square().sum(), params) for o in outs]
+    for o, g in zip(outs[1:], grads[1:]):
+        assert_close(outs[0], o, atol=1e-12, rtol=1e-10)
+        assert_close(grads[0], g, atol=1e-12, rtol=1e-10)
+
+
+def test_rel_pos_makes_the_place_of_a_neighbour_matter():
+    """Without rel_pos a token's window is a set: mirroring the grid left–right mirrors the output.
+    A rel_pos bias that prefers the left neighbour breaks that symmetry."""
+    s = torch.randn(1, 9, 32, dtype=torch.float64)
+    mirror = torch.arange(9).view(3, 3).flip(1).flatten()
+    for rel_pos, symmetric in ((False, True), (True, False)):
+        local = local_of(local_mode="window", rel_pos=rel_pos)
+        if rel_pos:
+            with torch.no_grad():
+                local.rel_pos.zero_()
+                local.rel_pos[:, 3] = 5.0  # offset (dy, dx) = (0, −1): the left neighbour
+        with torch.no_grad():
+            a = local(s, (3, 3), None)[:, mirror]
+            b = local(s[:, mirror], (3, 3), None)
+        assert torch.allclose(a, b) == symmetric
+
+
+def test_hybrid_bank_prior_starts_even_and_is_learned():
+    local = local_of(local_mode="hybrid", kernel_size=3)
+    N = local.memory.slots
+    assert_close(local.bank_bias.detach(), torch.full_like(local.bank_bias, math.log(9 / N)))
+    # with equal logits (a zero query projection) an interior token's mass splits 1 : 1 between 9 neighbours and N slots
+    with torch.no_grad():
+        local.retrieval.q.weight.zero_()
+    s = torch.randn(1, 9, 32, dtype=torch.float64)
+    p, share = local.bank_association(s, (3, 3), local.project_memory())
+    assert_close(share[0, :, 4], torch.full_like(share[0, :, 4], 0.5))  # token 4: the centre of the 3×3 grid
+    assert p.shape == (1, local.retrieval.heads, 9, N)
+    m = create_model("vhmn_test", local_mode="hybrid")
+    m(torch.randn(2, 3, 32, 32), labels=torch.tensor([1, 2])).sum().backward()
+    assert m.stages[0][0].mixer.local.bank_bias.grad.abs().sum() > 0
+
+
+def test_hybrid_writes_token_states_with_provenance():
+    torch.manual_seed(0)
+    m = create_model("vhmn_test", local_mode="hybrid", local_writes=8).train()
+    local = m.stages[0][0].mixer.local
+    captured = {}
+
+    def keep_first_state(mod, args):  # the first call's state is u = LN(z), the tokens that are written
+        captured.setdefault("s", args[0].detach().clone())
+
+    hook = local.register_forward_pre_hook(keep_first_state)
+    m(torch.randn(2, 3, 32, 32), index=torch.tensor([10, 11]), labels=torch.tensor([3, 7]))
+    hook.remove()
+    prov = local.memory.provenance()
+    written = prov["index"] >= 0
+    assert written.sum() == 8 and not hasattr(local, "neigh")  # no descriptor conv: the bank holds token states
+    for slot in written.nonzero().flatten().tolist():
+        img = prov["index"][slot].item() - 10
+        assert prov["label"][slot].item() == (3, 7)[img]
+        assert_close(local.memory.bank[slot], captured["s"][img, prov["position"][slot]])
+
+
+def test_config_rejects_rel_pos_in_bank_mode():
+    with pytest.raises(ValueError, match="rel_pos"):
+        create_model("vhmn_test", rel_pos=True)
+
+
+def test_effective_slots_and_diagnostics_by_hand():
+    assert_close(effective_slots(torch.tensor([[1.0, 0, 0, 0], [0.25, 0.25, 0.25, 0.25]])), torch.tensor([1.0, 4.0]))
+    assert_close(effective_slots(torch.tensor([0.5, 0.5, 0.0])), torch.tensor(2.0))
+    torch.manual_seed(0)
+    model = create_model("vhmn_test", global_slots=10).eval()
+    glob = model.stages[0][0].mixer.glob
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    with torch.no_grad():  # global bank: slot c holds class c (labels 0..9); its keys make slot y_i win for image i
+        glob.memory.src_label[:10] = torch.arange(10)
+    d = memory_diagnostics(model, x, y, batch_size=4)
+    assert d["images"] == 6 and len(d["blocks"]) == 2
+    rec = model.inspect(x, topk=1)["blocks"][0]
+    top = rec["global_top"]["label"][:, 0]
+    assert d["blocks"][0]["global"]["label_agreement"] == pytest.approx((top == y).float().mean().item())
+    assert d["blocks"][0]["global"]["chance"] == pytest.approx(0.1)  # one slot per class of ten
+    eff = effective_slots(rec["steps"][-1]["global_assoc"]).mean().item()
+    assert d["blocks"][0]["global"]["effective_slots"] == pytest.approx(eff, rel=1e-5)
+    assert 1.0 <= eff <= 10.0
+    assert d["blocks"][0]["local"]["slots"] == 16 and "bank_share" not in d["blocks"][0]["local"]
+    hybrid = create_model("vhmn_test", local_mode="hybrid").eval()
+    assert 0 < memory_diagnostics(hybrid, x, y)["blocks"][1]["local"]["bank_share"] < 1
+    window = create_model("vhmn_test", local_mode="window").eval()
+    assert memory_diagnostics(window, x, y)["blocks"][0]["local"] is None
+
+
+@pytest.mark.parametrize("mode", ["window", "hybrid"])
+def test_window_stored_input_fixes_the_neighbours_during_refinement(mode):
+    """'input': every refinement step retrieves from the neighbours of the block input u; with one step (or none)
+    that is the same as 'state'; with two, the second step's stored patterns are u's, not z₁'s."""
+    torch.manual_seed(0)
+    kw = dict(local_mode=mode, rel_pos=True, global_memory=False, refine_rate=0.5)
+    for T in (0, 1, 2):
+        a = create_model("vhmn_test", refine_steps=T, window_stored="state", **kw).double().eval()
+        b = create_model("vhmn_test", refine_steps=T, window_stored="input", **kw).double().eval()
+        b.load_state_dict(a.state_dict())
+        u = torch.randn(2, 64, 32, dtype=torch.float64)
+        mix_a, mix_b = a.stages[0][0].mixer, b.stages[0][0].mixer
+        with torch.no_grad():
+            out_a, out_b = mix_a(u, (8, 8)), mix_b(u, (8, 8))
+        assert torch.allclose(out_a, out_b) == (T < 2)
+        if T == 2:  # by hand: z₁ = u + β(m(u) − u); z₂ = z₁ + β(m(z₁; stored = u) − z₁)
+            loc, kv = mix_b.local, mix_b.local.project_memory()
+            with torch.no_grad():
+                tokens = (loc.retrieval.k(u), loc.retrieval.v(u))
+                z1 = u + 0.5 * (loc(u, (8, 8), kv) - u)
+                z2 = z1 + 0.5 * (loc(z1, (8, 8), kv, tokens) - z1)
+                assert_close(out_b, z2)
+                # the reference path agrees with the fast path when the neighbours are given
+                ref = loc._window_unfold(z1, (8, 8), tokens) if mode == "window" else loc._hybrid_reference(z1, (8, 8), kv, tokens)
+                assert_close(loc(z1, (8, 8), kv, tokens), ref, atol=1e-12, rtol=1e-10)
