@@ -78,12 +78,16 @@ CONTROL: list[tuple[str, str, int, list[str]]] = [(f"{m}_frac10_e80_s0", f"cifar
 # The converged protocol (--protocol long; issue 11): the 10% split for 100 epochs at width 64
 # (cifar10_frac10_cpulong_*), into results/cpu10long/. The ViT's budget curve (25 / 50 / 100 / 200 epochs, warmup
 # 5% of them) shows where it plateaus; the local-memory candidates are run against it at 100 epochs.
+WINDOW = ["model.local_mode=window", "model.rel_pos=true", "model.window_stored=input"]
+EPISODIC = ["model.write_after_read=true", "model.global_label_values=true"]
 CANDIDATES: dict[str, list[str]] = {
     "vhmn": [],  # the current default: local bank of patch descriptors, T = 2
     "vhmn_window": ["model.local_mode=window"],  # the k×k neighbours as the stored patterns
     "vhmn_windowrp": ["model.local_mode=window", "model.rel_pos=true"],  # ... with a learned bias per neighbour offset
-    "vhmn_windowrpin": ["model.local_mode=window", "model.rel_pos=true", "model.window_stored=input"],  # ... stored = u
+    "vhmn_windowrpin": WINDOW,  # ... and the neighbours of the block input stored, fixed during refinement
     "vhmn_hybridrpin": ["model.local_mode=hybrid", "model.rel_pos=true", "model.window_stored=input"],  # + bank, one softmax
+    "vhmn_wrlv": EPISODIC,  # the default, writing after reading, with the stored labels in the global values
+    "vhmn_windowrpin_wrlv": WINDOW + EPISODIC,
 }
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
@@ -94,9 +98,9 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
     vhmn = lambda name, seed: (f"{name}_s{seed}", "cifar10_frac10_cpulong_vhmn", seed, CANDIDATES[name])  # noqa: E731
     vit = {e: (f"vit_e{e}_s0", "cifar10_frac10_cpulong_vit", 0, ov) for e, ov in VIT_BUDGETS.items()}
     vit_seed = lambda seed: (f"vit_s{seed}", "cifar10_frac10_cpulong_vit", seed, [])  # noqa: E731
-    return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn_windowrpin", 0), vhmn("vhmn", 0), vit[200],
-            vhmn("vhmn_hybridrpin", 0), vit[50], vhmn("vhmn_window", 0), vit[25], vit_seed(1), vhmn("vhmn_windowrpin", 1),
-            vit_seed(2), vhmn("vhmn_windowrpin", 2), vhmn("vhmn_hybridrpin", 1)]
+    return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0), vhmn("vhmn_windowrpin_wrlv", 0),
+            vhmn("vhmn_windowrpin", 0), vhmn("vhmn_wrlv", 0), vit[200], vit[50], vhmn("vhmn_hybridrpin", 0), vit[25],
+            vhmn("vhmn_window", 0), vit_seed(1), vit_seed(2)]
 
 
 def plan(only: str | None, protocol: str = "16") -> list[tuple[str, str, int, list[str]]]:

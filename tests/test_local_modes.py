@@ -200,3 +200,41 @@ def test_window_stored_input_fixes_the_neighbours_during_refinement(mode):
                 # the reference path agrees with the fast path when the neighbours are given
                 ref = loc._window_unfold(z1, (8, 8), tokens) if mode == "window" else loc._hybrid_reference(z1, (8, 8), kv, tokens)
                 assert_close(loc(z1, (8, 8), kv, tokens), ref, atol=1e-12, rtol=1e-10)
+
+
+def test_write_after_read_no_image_retrieves_itself():
+    """write_after_read: a training forward retrieves from the banks as they were before this batch (so it equals
+    an eval forward on the old banks), then writes the batch; the default writes first, so the batch sees itself."""
+    torch.manual_seed(0)
+    x, idx, y = torch.randn(3, 3, 32, 32), torch.arange(3), torch.tensor([1, 2, 3])
+    for after in (True, False):
+        for mode in ("bank", "hybrid"):
+            m = create_model("vhmn_test", local_mode=mode, write_after_read=after).double()
+            old = create_model("vhmn_test", local_mode=mode, write_after_read=after).double().eval()
+            old.load_state_dict(m.state_dict())
+            out = m.train()(x.double(), index=idx, labels=y)
+            out.sum().backward()  # the write after the forward leaves what autograd saved intact
+            assert torch.allclose(out, old(x.double())) == after
+            prov = m.stages[0][0].mixer.glob.memory.provenance()
+            assert prov["label"][:3].tolist() == [1, 2, 3]  # written either way
+
+
+def test_global_label_values_add_a_learned_label_embedding():
+    torch.manual_seed(0)
+    m = create_model("vhmn_test", global_label_values=True, write_after_read=True)
+    glob = m.stages[0][0].mixer.glob
+    k0, v0 = glob.project_memory()
+    assert torch.equal(v0, glob.retrieval.project_memory(glob.memory.patterns())[1])  # zero at initialisation
+    with torch.no_grad():
+        glob.label_values.weight[1:] = torch.randn(10, 32)
+        glob.memory.src_label[:8] = torch.tensor([0, 1, 2, 3, -1, 5, 6, 7])
+    k, v = glob.project_memory()
+    plain = glob.retrieval.project_memory(glob.memory.patterns())[1]
+    for slot, label in enumerate([0, 1, 2, 3, -1, 5, 6, 7]):
+        want = torch.zeros(32) if label < 0 else glob.label_values.weight[label + 1]
+        assert_close((v - plain)[0, :, slot].flatten(), want)  # heads concatenated = the label's embedding
+    assert torch.equal(k, k0)  # keys do not see labels
+    m.train()(torch.randn(2, 3, 32, 32), labels=torch.tensor([3, 4])).sum().backward()
+    assert glob.label_values.weight.grad[1:].abs().sum() > 0 and glob.label_values.weight.grad[0].abs().sum() == 0
+    with pytest.raises(ValueError, match="global_label_values"):
+        create_model("vhmn_test", global_label_values=True, memory="learned")

@@ -61,6 +61,10 @@ class VHMNConfig:
     global_slots: int = 256
     local_writes: int = 64  # features each local bank writes per training step
     global_class_balanced: bool = False
+    # episodic banks: write this batch's features after it has retrieved (no image retrieves itself while training,
+    # as none can at test time) instead of before
+    write_after_read: bool = False
+    global_label_values: bool = False  # episodic global bank: a slot's value adds a learned embedding of its label
     global_mod: str = "add"  # 'add' | 'film' (scale and shift)
     fusion: str = "sum"  # 'sum' | 'concat' (concat + linear); only with global_mod='add'
     inv_temp: float | None = None  # Hopfield inverse temperature β_H; None → 1/√head_dim
@@ -95,6 +99,8 @@ class VHMNConfig:
             raise ValueError("fusion='concat' combines additive global retrievals; use global_mod='add'")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.global_label_values and (self.memory != "episodic" or not self.global_memory):
+            raise ValueError("global_label_values reads the labels stored with episodic slots: needs memory='episodic' and global_memory")
         if self.rel_pos and self.local_mode == "bank":
             raise ValueError("rel_pos biases the k×k neighbours of local_mode 'window' or 'hybrid'; bank mode has none")
         if self.refine_steps < 0 or not 0 < self.refine_rate <= 1:
@@ -164,8 +170,13 @@ class LocalHopfield(nn.Module):
         x = rearrange(s, "b (h w) d -> b d h w", h=hw[0])
         return rearrange(self.neigh(x), "b d h w -> b (h w) d")
 
-    def project_memory(self):
-        return self.retrieval.project_memory(self.memory.patterns()) if self.mode in ("bank", "hybrid") else None
+    def project_memory(self, snapshot: bool = False):
+        """The bank's keys and values (1, h, N, e), or None without a bank. snapshot: project a copy of the slots,
+        so that writing the bank after this forward (write_after_read) leaves what autograd saved intact."""
+        if self.mode not in ("bank", "hybrid"):
+            return None
+        x = self.memory.patterns()
+        return self.retrieval.project_memory(x.clone() if snapshot else x)
 
     def stored_tokens(self, u: Tensor) -> tuple[Tensor, Tensor] | None:
         """window_stored='input': keys and values (B, L, d) of the block input's tokens, projected once per block
@@ -340,9 +351,20 @@ class GlobalHopfield(nn.Module):
         self.fast = cfg.fast
         self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp)
         self.memory = make_memory(cfg.memory, cfg.global_slots, dim, cfg.global_class_balanced, cfg.num_classes)
+        if cfg.global_label_values:  # row 0: "no label" (a slot never written), kept at zero
+            self.label_values = nn.Embedding(cfg.num_classes + 1, dim, padding_idx=0)
+            nn.init.zeros_(self.label_values.weight)
 
-    def project_memory(self):
-        return self.retrieval.project_memory(self.memory.patterns())
+    def project_memory(self, snapshot: bool = False):
+        """Keys and values (1, h, N, e) of the stored scenes; with global_label_values the value of slot i is
+        W_v x_i + E[label_i] (E learned; zero for slots never written). snapshot: as LocalHopfield.project_memory."""
+        x = self.memory.patterns()
+        k, v = self.retrieval.project_memory(x.clone() if snapshot else x)
+        if hasattr(self, "label_values"):
+            labels = self.memory.provenance()["label"]
+            e = self.label_values((labels.clone() if snapshot else labels) + 1)  # (N, d)
+            v = v + rearrange(e, "n (h e) -> 1 h n e", h=self.retrieval.heads)
+        return k, v
 
     def forward(self, s: Tensor, kv) -> Tensor:
         """(B, L, d) → scene retrieval g (B, 1, d)."""
@@ -386,13 +408,24 @@ class MemoryMixer(nn.Module):
 
     def forward(self, u: Tensor, hw: tuple[int, int], ctx: dict | None = None) -> Tensor:
         cfg = self.cfg
-        if self.training and ctx is not None and ctx.get("write", True):
-            if self.local is not None:
-                self.local.write(u, hw, ctx)
-            if self.glob is not None:
-                self.glob.write(u, ctx)
-        kv_l = self.local.project_memory() if self.local is not None else None
-        kv_g = self.glob.project_memory() if self.glob is not None else None
+        write = self.training and ctx is not None and ctx.get("write", True)
+        if write and not cfg.write_after_read:
+            self._write(u, hw, ctx)
+        out = self._refine(u, hw, ctx, snapshot=write and cfg.write_after_read)
+        if write and cfg.write_after_read:
+            self._write(u, hw, ctx)
+        return out
+
+    def _write(self, u: Tensor, hw: tuple[int, int], ctx: dict) -> None:
+        if self.local is not None:
+            self.local.write(u, hw, ctx)
+        if self.glob is not None:
+            self.glob.write(u, ctx)
+
+    def _refine(self, u: Tensor, hw: tuple[int, int], ctx: dict | None, snapshot: bool = False) -> Tensor:
+        cfg = self.cfg
+        kv_l = self.local.project_memory(snapshot) if self.local is not None else None
+        kv_g = self.glob.project_memory(snapshot) if self.glob is not None else None
         tokens = self.local.stored_tokens(u) if self.local is not None else None  # fixed neighbours (window_stored='input')
         on_step = None
         if ctx is not None and ctx.get("record") is not None:
