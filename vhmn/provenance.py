@@ -1,6 +1,7 @@
 """Where a result came from: git commit (and whether the tree was dirty), library versions, device."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -14,7 +15,8 @@ _REPO = Path(__file__).resolve().parent.parent
 
 
 def git_info(repo: str | Path = _REPO) -> dict:
-    """``{"commit": sha or None, "dirty": bool or None}`` (None outside a git checkout)."""
+    """``{"commit": sha or None, "dirty": bool or None}``. Outside a git checkout: $VHMN_GIT_COMMIT and
+    $VHMN_GIT_DIRTY ('0'/'1') where set, else None."""
     def run(*args: str) -> str | None:
         try:
             r = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
@@ -23,8 +25,10 @@ def git_info(repo: str | Path = _REPO) -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
 
     commit = run("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": None, "dirty": None}
+    if commit is None:  # a copy without .git (e.g. the working tree sent to a GPU machine): the sender's word
+        env = os.environ.get("VHMN_GIT_COMMIT")
+        dirty = os.environ.get("VHMN_GIT_DIRTY")
+        return {"commit": env or None, "dirty": None if dirty is None else dirty == "1"}
     status = run("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
