@@ -46,7 +46,7 @@ def brute_force(local, s, hw):
     r, (H, W), k = local.retrieval, hw, local.k
     B, L, d = s.shape
     e, rad = r.head_dim, k // 2
-    q, kk, vv = r.q(s), r.k(s), r.v(s)
+    q, kk, vv = r.query(s), r.key(s), r.v(s)
     hybrid = local.mode == "hybrid"
     if hybrid:
         kb, vb = (t[0] for t in local.project_memory())  # (h, N, e)
@@ -60,18 +60,19 @@ def brute_force(local, s, hw):
                 idx = [j for j, _ in nb]
                 for h in range(r.heads):
                     sl = slice(h * e, (h + 1) * e)
-                    logits = r.inv_temp * kk[b, idx, sl] @ q[b, i, sl]
+                    logits = r.scale * kk[b, idx, sl] @ q[b, i, sl]
                     if local.rel_pos is not None:
                         logits = logits + local.rel_pos[h, [o for _, o in nb]]
                     values = vv[b, idx, sl]
                     if hybrid:
-                        logits = torch.cat([logits, r.inv_temp * kb[h] @ q[b, i, sl] + local.bank_bias[h, 0]])
+                        logits = torch.cat([logits, r.scale * kb[h] @ q[b, i, sl] + local.bank_bias[h, 0]])
                         values = torch.cat([values, vb[h]])
                     out[b, i, sl] = torch.softmax(logits, 0) @ values
     return r.o(out)
 
 
-CASES = [dict(local_mode="window", rel_pos=True), dict(local_mode="hybrid"), dict(local_mode="hybrid", rel_pos=True)]
+CASES = [dict(local_mode="window", rel_pos=True), dict(local_mode="hybrid"), dict(local_mode="hybrid", rel_pos=True),
+         dict(local_mode="window", qk_norm=True), dict(local_mode="hybrid", rel_pos=True, qk_norm=True)]
 
 
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
@@ -84,7 +85,8 @@ def test_fast_and_reference_paths_equal_the_brute_force(kw, k, hw):
     kv = local.project_memory()
     ref_path = local._window_unfold if kw["local_mode"] == "window" else (lambda s, hw: local._hybrid_reference(s, hw, kv))
     outs = [local(s, hw, kv), ref_path(s, hw), brute_force(local, s, hw)]
-    params = [s] + [p for p in (local.rel_pos, getattr(local, "bank_bias", None)) if p is not None]
+    params = [s] + [p for p in (local.rel_pos, getattr(local, "bank_bias", None), getattr(local.retrieval, "log_inv_temp", None))
+                    if p is not None]
     grads = [torch.autograd.grad(o.square().sum(), params) for o in outs]
     for o, g in zip(outs[1:], grads[1:]):
         assert_close(outs[0], o, atol=1e-12, rtol=1e-10)
@@ -238,3 +240,25 @@ def test_global_label_values_add_a_learned_label_embedding():
     assert glob.label_values.weight.grad[1:].abs().sum() > 0 and glob.label_values.weight.grad[0].abs().sum() == 0
     with pytest.raises(ValueError, match="global_label_values"):
         create_model("vhmn_test", global_label_values=True, memory="learned")
+
+
+def test_qk_norm_is_cosine_retrieval_with_a_learned_inverse_temperature():
+    torch.manual_seed(0)
+    m = create_model("vhmn_test", qk_norm=True).double()
+    r = m.stages[0][0].mixer.local.retrieval
+    assert r.scale == 1.0 and torch.allclose(r.log_inv_temp.exp(), torch.full((2, 1), 10.0, dtype=torch.float64))
+    kv = r.project_memory(torch.randn(16, 32, dtype=torch.float64))
+    assert_close(kv[0].norm(dim=-1), torch.ones(1, 2, 16, dtype=torch.float64))  # unit keys per head
+    state = torch.randn(2, 5, 32, dtype=torch.float64)
+    p = r.association(state, kv)
+    # cosine: the association does not change when a query's projection is scaled
+    with torch.no_grad():
+        r.q.weight.mul_(7.0)
+    assert_close(r.association(state, kv), p)
+    # by hand: softmax(β_h · cos(q_h, k_h))
+    q = torch.nn.functional.normalize(r.q(state).view(2, 5, 2, 16), dim=-1)
+    k = kv[0][0]  # (h, N, e), unit
+    logits = 10.0 * torch.einsum("blhe,hne->bhln", q, k)
+    assert_close(p, torch.softmax(logits, -1))
+    m(torch.randn(2, 3, 32, 32, dtype=torch.float64), labels=torch.tensor([0, 1])).sum().backward()
+    assert r.log_inv_temp.grad.abs().sum() > 0

@@ -123,37 +123,67 @@ class HopfieldRetrieval(nn.Module):
     """``m = W_o · softmax(β_H (W_q ξ)(W_k X)ᵀ) (W_v X)`` per head, heads concatenated.
 
     inv_temp: β_H; None → 1/√head_dim (the transformer's choice).
+    qk_norm: cosine retrieval: state and stored patterns are L2-normalised per head after their projections, and
+    β_H is learned per head (log-parametrised), starting at ``inv_temp`` (None → 10); a sharp association is then
+    a choice the model can learn, not a side effect of the patterns' norms.
     """
 
-    def __init__(self, dim: int, heads: int, inv_temp: float | None = None, bias: bool = False):
+    def __init__(self, dim: int, heads: int, inv_temp: float | None = None, bias: bool = False, qk_norm: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.heads, self.head_dim = heads, dim // heads
-        self.inv_temp = float(inv_temp) if inv_temp is not None else 1.0 / math.sqrt(self.head_dim)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            start = 10.0 if inv_temp is None else float(inv_temp)
+            self.log_inv_temp = nn.Parameter(torch.full((heads, 1), math.log(start)))  # (h, 1)
+            self.inv_temp = start  # the starting value; the learned one is exp(log_inv_temp)
+        else:
+            self.inv_temp = float(inv_temp) if inv_temp is not None else 1.0 / math.sqrt(self.head_dim)
         self.q = nn.Linear(dim, dim, bias=bias)
         self.k = nn.Linear(dim, dim, bias=bias)
         self.v = nn.Linear(dim, dim, bias=bias)
         self.o = nn.Linear(dim, dim)
 
+    @property
+    def scale(self) -> float:
+        """The factor the fused attention applies to q·k: β_H, or 1 with qk_norm (β_H is then inside :meth:`query`)."""
+        return 1.0 if self.qk_norm else self.inv_temp
+
+    def _per_head_unit(self, t: Tensor) -> Tensor:
+        t = rearrange(t, "... (h e) -> ... h e", h=self.heads)
+        return torch.nn.functional.normalize(t, dim=-1)
+
+    def query(self, state: Tensor) -> Tensor:
+        """State patterns (..., d) → projected queries (..., d); with qk_norm unit per head and scaled by β_H."""
+        q = self.q(state)
+        if not self.qk_norm:
+            return q
+        return rearrange(self._per_head_unit(q) * self.log_inv_temp.exp(), "... h e -> ... (h e)")
+
+    def key(self, stored: Tensor) -> Tensor:
+        """Stored patterns (..., d) → projected keys (..., d); with qk_norm unit per head."""
+        k = self.k(stored)
+        return rearrange(self._per_head_unit(k), "... h e -> ... (h e)") if self.qk_norm else k
+
     def project_memory(self, stored: Tensor) -> tuple[Tensor, Tensor]:
         """Stored patterns (N, d) → keys, values (1, h, N, e). Once per forward pass."""
-        k = rearrange(self.k(stored), "n (h e) -> 1 h n e", h=self.heads)
+        k = rearrange(self.key(stored), "n (h e) -> 1 h n e", h=self.heads)
         v = rearrange(self.v(stored), "n (h e) -> 1 h n e", h=self.heads)
         return k, v
 
     def forward(self, state: Tensor, kv: tuple[Tensor, Tensor], fast: bool = True) -> Tensor:
         """state (B, L, d) → retrieval (B, L, d). All B·L queries share one bank."""
         B = state.shape[0]
-        q = rearrange(self.q(state), "b l (h e) -> 1 h (b l) e", h=self.heads)
-        out = hopfield_update(q, kv[0], self.inv_temp, values=kv[1], fast=fast)  # (1, h, B·L, e)
+        q = rearrange(self.query(state), "b l (h e) -> 1 h (b l) e", h=self.heads)
+        out = hopfield_update(q, kv[0], self.scale, values=kv[1], fast=fast)  # (1, h, B·L, e)
         return self.o(rearrange(out, "1 h (b l) e -> b l (h e)", b=B))
 
     def association(self, state: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
         """The association matrix, per head: (B, L, d) → (B, h, L, N)."""
         B = state.shape[0]
-        q = rearrange(self.q(state), "b l (h e) -> 1 h (b l) e", h=self.heads)
-        p = association(q, kv[0], self.inv_temp)  # (1, h, B·L, N)
+        q = rearrange(self.query(state), "b l (h e) -> 1 h (b l) e", h=self.heads)
+        p = association(q, kv[0], self.scale)  # (1, h, B·L, N)
         return rearrange(p, "1 h (b l) n -> b h l n", b=B)
 
 

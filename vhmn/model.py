@@ -67,7 +67,8 @@ class VHMNConfig:
     global_label_values: bool = False  # episodic global bank: a slot's value adds a learned embedding of its label
     global_mod: str = "add"  # 'add' | 'film' (scale and shift)
     fusion: str = "sum"  # 'sum' | 'concat' (concat + linear); only with global_mod='add'
-    inv_temp: float | None = None  # Hopfield inverse temperature β_H; None → 1/√head_dim
+    inv_temp: float | None = None  # Hopfield inverse temperature β_H; None → 1/√head_dim (qk_norm: 10, then learned)
+    qk_norm: bool = False  # cosine retrieval: queries and keys unit per head, β_H learned per head
     # predictive-coding refinement
     refine_steps: int = 2  # T; 0 = feed-forward (one retrieval)
     refine_rate: float = 0.5  # β of z ← z + β(m − z)
@@ -151,7 +152,7 @@ class LocalHopfield(nn.Module):
         k = cfg.kernel_size
         self.mode, self.k, self.fast = cfg.local_mode, k, cfg.fast
         self.window_stored = cfg.window_stored
-        self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp)
+        self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp, qk_norm=cfg.qk_norm)
         heads = self.retrieval.heads
         if self.mode == "bank":
             self.neigh = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
@@ -183,7 +184,7 @@ class LocalHopfield(nn.Module):
         forward and shared by the refinement steps. None otherwise (bank mode, or window_stored='state')."""
         if self.mode == "bank" or self.window_stored == "state":
             return None
-        return self.retrieval.k(u), self.retrieval.v(u)
+        return self.retrieval.key(u), self.retrieval.v(u)
 
     def forward(self, s: Tensor, hw: tuple[int, int], kv, tokens: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """s (B, L, d) → retrieval (B, L, d). kv: the bank's projected keys/values (bank, hybrid); tokens: the
@@ -236,11 +237,11 @@ class LocalHopfield(nn.Module):
 
     def _kv(self, s: Tensor, tokens) -> tuple[Tensor, Tensor]:
         """The neighbours' keys and values (B, L, d): given (window_stored='input') or projected from the state s."""
-        return tokens if tokens is not None else (self.retrieval.k(s), self.retrieval.v(s))
+        return tokens if tokens is not None else (self.retrieval.key(s), self.retrieval.v(s))
 
     def _qkv(self, s: Tensor, tokens=None) -> tuple[Tensor, Tensor, Tensor]:
         r = self.retrieval
-        return tuple(rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (r.q(s), *self._kv(s, tokens)))
+        return tuple(rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (r.query(s), *self._kv(s, tokens)))
 
     def _window_dense(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
         """Fast path: every token attends to all L tokens through one fused attention call, with the
@@ -251,7 +252,7 @@ class LocalHopfield(nn.Module):
             mask = self.neighbourhood_mask(hw, s.device)  # (L, L) bool
         else:
             mask = self.window_bias(hw, s.device, q.dtype)  # (h, L, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=r.inv_temp)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=r.scale)
         return r.o(rearrange(out, "b h l e -> b l (h e)"))
 
     def _neighbours(self, t: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -273,10 +274,10 @@ class LocalHopfield(nn.Module):
         """Reference path: gather each token's k×k neighbours (unfold, zero-padded) and attend to the
         ones inside the grid."""
         r, B = self.retrieval, s.shape[0]
-        q = rearrange(r.q(s), "b l (h e) -> (b l) h 1 e", h=r.heads)
+        q = rearrange(r.query(s), "b l (h e) -> (b l) h 1 e", h=r.heads)
         mask = self._unfold_bias(hw, s.device, q.dtype).repeat(B, 1, 1, 1)  # (B·L, h, 1, k²)
         k, v = self._kv(s, tokens)
-        out = F.scaled_dot_product_attention(q, self._neighbours(k, hw), self._neighbours(v, hw), attn_mask=mask, scale=r.inv_temp)
+        out = F.scaled_dot_product_attention(q, self._neighbours(k, hw), self._neighbours(v, hw), attn_mask=mask, scale=r.scale)
         return r.o(rearrange(out, "(b l) h 1 e -> b l (h e)", b=B))
 
     def _hybrid_dense(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> Tensor:
@@ -288,7 +289,7 @@ class LocalHopfield(nn.Module):
         keys = torch.cat([k, kb.expand(B, -1, -1, -1)], dim=2)  # (B, h, L+N, e)
         values = torch.cat([v, vb.expand(B, -1, -1, -1)], dim=2)
         mask = torch.cat([self.window_bias(hw, s.device, q.dtype), self._bank_bias(q.dtype).expand(-1, q.shape[2], N)], dim=2)  # (h, L, L+N)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=r.inv_temp)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=r.scale)
         return r.o(rearrange(out, "b h l e -> b l (h e)"))
 
     def _bank_bias(self, dtype) -> Tensor:
@@ -299,10 +300,10 @@ class LocalHopfield(nn.Module):
         """The readable way: logits of each token's k² neighbours (B·L, h, k²) and of the N bank slots
         (B·L, h, N), biases included (−inf for neighbours outside the grid)."""
         r, B = self.retrieval, s.shape[0]
-        q = rearrange(r.q(s), "b l (h e) -> (b l) h e", h=r.heads)
-        logits_n = r.inv_temp * torch.einsum("qhe,qhke->qhk", q, self._neighbours(self._kv(s, tokens)[0], hw))
+        q = rearrange(r.query(s), "b l (h e) -> (b l) h e", h=r.heads)
+        logits_n = r.scale * torch.einsum("qhe,qhke->qhk", q, self._neighbours(self._kv(s, tokens)[0], hw))
         logits_n = logits_n + self._unfold_bias(hw, s.device, q.dtype)[:, :, 0, :].repeat(B, 1, 1)
-        logits_b = r.inv_temp * torch.einsum("qhe,hne->qhn", q, kv[0][0]) + self._bank_bias(q.dtype)[:, 0, :]
+        logits_b = r.scale * torch.einsum("qhe,hne->qhn", q, kv[0][0]) + self._bank_bias(q.dtype)[:, 0, :]
         return logits_n, logits_b
 
     def _hybrid_reference(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> Tensor:
@@ -349,7 +350,7 @@ class GlobalHopfield(nn.Module):
     def __init__(self, dim: int, cfg: VHMNConfig):
         super().__init__()
         self.fast = cfg.fast
-        self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp)
+        self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp, qk_norm=cfg.qk_norm)
         self.memory = make_memory(cfg.memory, cfg.global_slots, dim, cfg.global_class_balanced, cfg.num_classes)
         if cfg.global_label_values:  # row 0: "no label" (a slot never written), kept at zero
             self.label_values = nn.Embedding(cfg.num_classes + 1, dim, padding_idx=0)
