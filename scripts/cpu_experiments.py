@@ -6,6 +6,9 @@
     python scripts/cpu_experiments.py --only curve        # 20/50/100%, the long-tailed set, and the 80-epoch control
     python scripts/cpu_experiments.py --deadline 02:15     # start no run after this UTC time
     python scripts/cpu_experiments.py --longest-first      # start the longest runs first (shortest sitting)
+    python scripts/cpu_experiments.py --protocol long      # the converged protocol (width 64, 100 epochs) into
+                                                         # results/cpu10long: the ViT's budget curve and the
+                                                         # memory-mixer candidates (CANDIDATES below)
 
 Every run is ``python -m vhmn.train <experiment> seed=S [model overrides] --out runs/cpu10/<run>`` with the
 experiment configs ``cifar10_frac10_cpu_*`` (recipe ``_cpu10``: the committed stratified 10% split, the full
