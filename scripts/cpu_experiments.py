@@ -92,6 +92,9 @@ CANDIDATES: dict[str, list[str]] = {
     "vhmn_wrlv": EPISODIC,  # the default, writing after reading, with the stored labels in the global values
     "vhmn_windowrpin_wrlv": WINDOW + EPISODIC,
     "vhmn_qkn": ["model.qk_norm=true"],  # the default with cosine retrieval and a learned β_H per head
+    # the window without the token itself (its prediction from its context alone), cosine retrieval with a learned
+    # β_H, and the episodic global memory with labels: every change the diagnosis suggests at once
+    "vhmn_windowctx_qkn_wrlv": WINDOW + ["model.window_self=false", "model.qk_norm=true"] + EPISODIC,
 }
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
@@ -102,9 +105,9 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
     vhmn = lambda name, seed: (f"{name}_s{seed}", "cifar10_frac10_cpulong_vhmn", seed, CANDIDATES[name])  # noqa: E731
     vit = {e: (f"vit_e{e}_s0", "cifar10_frac10_cpulong_vit", 0, ov) for e, ov in VIT_BUDGETS.items()}
     vit_seed = lambda seed: (f"vit_s{seed}", "cifar10_frac10_cpulong_vit", seed, [])  # noqa: E731
-    return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0), vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
-            vit[200], vhmn("vhmn_qkn", 0), vit[50], vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0),
-            vhmn("vhmn_window", 0), vit_seed(1), vit_seed(2)]
+    return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0), vhmn("vhmn_windowctx_qkn_wrlv", 0),
+            vhmn("vhmn_windowrpin_wrlv", 0), vit[50], vhmn("vhmn_wrlv", 0), vit[200], vhmn("vhmn_qkn", 0),
+            vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0), vit_seed(1), vit_seed(2)]
 
 
 def plan(only: str | None, protocol: str = "16") -> list[tuple[str, str, int, list[str]]]:

@@ -56,7 +56,8 @@ def brute_force(local, s, hw):
             for x in range(W):
                 i = y * W + x
                 nb = [(yy * W + xx, (yy - y + rad) * k + (xx - x + rad))
-                      for yy in range(y - rad, y + rad + 1) for xx in range(x - rad, x + rad + 1) if 0 <= yy < H and 0 <= xx < W]
+                      for yy in range(y - rad, y + rad + 1) for xx in range(x - rad, x + rad + 1)
+                      if 0 <= yy < H and 0 <= xx < W and (local.window_self or (yy, xx) != (y, x))]
                 idx = [j for j, _ in nb]
                 for h in range(r.heads):
                     sl = slice(h * e, (h + 1) * e)
@@ -72,7 +73,8 @@ def brute_force(local, s, hw):
 
 
 CASES = [dict(local_mode="window", rel_pos=True), dict(local_mode="hybrid"), dict(local_mode="hybrid", rel_pos=True),
-         dict(local_mode="window", qk_norm=True), dict(local_mode="hybrid", rel_pos=True, qk_norm=True)]
+         dict(local_mode="window", qk_norm=True), dict(local_mode="hybrid", rel_pos=True, qk_norm=True),
+         dict(local_mode="window", rel_pos=True, window_self=False), dict(local_mode="hybrid", window_self=False)]
 
 
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
@@ -262,3 +264,23 @@ def test_qk_norm_is_cosine_retrieval_with_a_learned_inverse_temperature():
     assert_close(p, torch.softmax(logits, -1))
     m(torch.randn(2, 3, 32, 32, dtype=torch.float64), labels=torch.tensor([0, 1])).sum().backward()
     assert r.log_inv_temp.grad.abs().sum() > 0
+
+
+def test_window_self_false_predicts_a_token_from_its_context_alone():
+    """Changing a token's own state changes its prediction only through its query when window_self=False: with the
+    query projection zeroed (uniform association), the prediction of token i is then independent of s_i."""
+    for mode in ("window", "hybrid"):
+        local = local_of(local_mode=mode, window_self=False)
+        with torch.no_grad():
+            local.retrieval.q.weight.zero_()
+        s = torch.randn(1, 9, 32, dtype=torch.float64)
+        s2 = s.clone()
+        s2[0, 4] += 3.0  # token 4, the centre of a 3×3 grid
+        kv = local.project_memory()
+        with torch.no_grad():
+            a, b = local(s, (3, 3), kv), local(s2, (3, 3), kv)
+        assert_close(a[0, 4], b[0, 4])  # its own prediction did not move
+        assert not torch.allclose(a[0, 0], b[0, 0])  # its neighbours' did
+        mask = local.neighbourhood_mask((3, 3))
+        assert not mask.diagonal().any()
+        assert mask.sum(1).tolist() == [3, 5, 3, 5, 8, 5, 3, 5, 3]

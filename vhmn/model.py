@@ -57,6 +57,9 @@ class VHMNConfig:
     # window/hybrid: the neighbours stored as patterns are the current refinement 'state' (re-projected at every
     # step) or the block 'input' u = LN(z), fixed while the state is refined (as a Hopfield memory is fixed)
     window_stored: str = "state"
+    # window/hybrid: whether a token's own state is among the patterns it retrieves from. False: the prediction m of
+    # a token comes from its context alone (its neighbours, and the bank), so m − z is an error of prediction
+    window_self: bool = True
     local_slots: int = 512
     global_slots: int = 256
     local_writes: int = 64  # features each local bank writes per training step
@@ -139,6 +142,8 @@ class LocalHopfield(nn.Module):
     'hybrid': each token's state retrieves, in one softmax, from its k×k neighbours *and* from a bank of
               N explicit patch prototypes (token states written from training images, with provenance):
               stored patterns X_i = [neighbours of i; bank], association p_i = softmax(β_H q_i K_iᵀ + b).
+    window_self=False: a token's own state is left out of its window (for 'window' and 'hybrid'): the prediction
+              comes from the context alone.
     window_stored='input': the neighbours' keys and values are projected once per block from its input u and
               stay fixed through the refinement steps; only the state (the query) moves. 'state': they are
               re-projected from the current state at every step.
@@ -152,6 +157,9 @@ class LocalHopfield(nn.Module):
         k = cfg.kernel_size
         self.mode, self.k, self.fast = cfg.local_mode, k, cfg.fast
         self.window_stored = cfg.window_stored
+        self.window_self = cfg.window_self
+        if not cfg.window_self and k == 1:
+            raise ValueError("window_self=False with kernel_size=1 leaves no neighbour to retrieve from")
         self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp, qk_norm=cfg.qk_norm)
         heads = self.retrieval.heads
         if self.mode == "bank":
@@ -223,6 +231,8 @@ class LocalHopfield(nn.Module):
             yx = torch.stack(torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij"), -1)
             d = yx.reshape(H * W, 1, 2) - yx.reshape(1, H * W, 2)  # (L, L, 2): position of i minus position of j
             inside = (d.abs() <= r).all(-1)
+            if not self.window_self:
+                inside.fill_diagonal_(False)
             d = -d  # offset of the neighbour j from the centre i
             index = ((d[..., 0].clamp(-r, r) + r) * self.k + d[..., 1].clamp(-r, r) + r).long()
             self._mask_cache[key] = (index, inside)
@@ -266,6 +276,8 @@ class LocalHopfield(nn.Module):
         H, W = hw
         ones = torch.ones(1, 1, H, W, device=device, dtype=dtype)
         valid = rearrange(F.unfold(ones, self.k, padding=self.k // 2) > 0, "1 kk l -> l 1 1 kk")  # (L, 1, 1, k²)
+        if not self.window_self:
+            valid[..., (self.k * self.k) // 2] = False  # the centre offset (0, 0): the token itself
         heads = self.retrieval.heads
         bias = self.rel_pos if self.rel_pos is not None else torch.zeros(heads, self.k**2, device=device)
         return bias.to(dtype)[None, :, None, :].masked_fill(~valid, float("-inf"))  # (L, h, 1, k²)
