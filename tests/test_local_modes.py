@@ -284,3 +284,28 @@ def test_window_self_false_predicts_a_token_from_its_context_alone():
         mask = local.neighbourhood_mask((3, 3))
         assert not mask.diagonal().any()
         assert mask.sum(1).tolist() == [3, 5, 3, 5, 8, 5, 3, 5, 3]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(local_mode="window", rel_pos=True, window_stored="input", window_self=False, qk_norm=True,
+         write_after_read=True, global_label_values=True),
+    dict(local_mode="hybrid", rel_pos=True, window_stored="input", write_after_read=True),
+], ids=["window-candidate", "hybrid-candidate"])
+def test_candidates_compile_without_graph_breaks(kw):
+    """``fullgraph=True`` raises on any graph break (the mask cache, the writes after the read, the label values)."""
+    import copy
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_model("vhmn_test", **kw).train()
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x, idx, y = torch.randn(2, 3, 32, 32), torch.tensor([4, 5]), torch.tensor([6, 7])
+    torch.manual_seed(3)
+    out = compiled(x, idx, y)
+    torch.manual_seed(3)
+    assert_close(out, ref(x, idx, y))
+    out.sum().backward()
+    model.eval(), ref.eval()
+    assert_close(compiled(x), ref(x))
+    torch._dynamo.reset()
