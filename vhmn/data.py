@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .resources import repo_path as _repo_path
+
 __all__ = [
     "DATASETS",
     "DatasetInfo",
@@ -41,7 +43,7 @@ __all__ = [
     "write_synthetic_imagefolder",
 ]
 
-SPLITS_DIR = Path(__file__).resolve().parent.parent / "data" / "splits"
+SPLITS_DIR = _repo_path("data/splits", must_exist=False)  # the checkout's data/splits, or the copy a wheel ships (vhmn.resources)
 
 
 @dataclass(frozen=True)
