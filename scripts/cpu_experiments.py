@@ -63,6 +63,7 @@ ABLATIONS: dict[str, list[str]] = {
     "vhmn_rate025": ["model.refine_rate=0.25"],
     "vhmn_staged": ["model.patch_size=2", "model.dims=[64,128]", "model.depths=[2,2]"],  # 7: staged layout
     "vhmn_attnpool": ["model.pool=attn"],  # 8: attention pooling head
+    "vhmn_change": ["model.mixer_output=change"],  # 5, control: T = 2 without the (1 − β)^T u pass-through of s_T
 }
 
 # The data curve and the long-tailed setting (deliverable 1 of the experiments issue): V-HMN vs ViT, seed 0,

@@ -75,6 +75,9 @@ class VHMNConfig:
     # predictive-coding refinement
     refine_steps: int = 2  # T; 0 = feed-forward (one retrieval)
     refine_rate: float = 0.5  # β of z ← z + β(m − z)
+    # what the mixer adds to the residual stream: the refined 'state' s_T, or its 'change' s_T − u. For T ≥ 1 and β < 1,
+    # s_T carries (1 − β)^T u; 'change' removes that pass-through (the control of the refinement ablation)
+    mixer_output: str = "state"
     # head
     pool: str = "mean"  # 'mean' | 'attn' (attention pooling with a learned query)
     fast: bool = True  # fused attention kernels; False = explicit reference path
@@ -87,6 +90,7 @@ class VHMNConfig:
             "global_mod": ("add", "film"),
             "fusion": ("sum", "concat"),
             "window_stored": ("state", "input"),
+            "mixer_output": ("state", "change"),
             "pool": ("mean", "attn"),
         }
         for name, allowed in choices.items():
@@ -443,9 +447,10 @@ class MemoryMixer(nn.Module):
         on_step = None
         if ctx is not None and ctx.get("record") is not None:
             on_step = self._recorder(ctx["record"], hw, kv_l, kv_g, tokens)
-        return predictive_coding_refine(
+        s_T = predictive_coding_refine(
             u, lambda s: self.predict(s, hw, kv_l, kv_g, tokens), cfg.refine_rate, cfg.refine_steps, on_step
         )
+        return s_T - u if cfg.mixer_output == "change" else s_T
 
     def _recorder(self, record: list, hw, kv_l, kv_g, tokens=None):
         """Inspection: per refinement step, the associations and the prediction error."""
