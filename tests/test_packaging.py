@@ -285,3 +285,11 @@ def test_decisions_page_ablation_numbers_match_the_committed_results():
     for sign, value, run in found:
         d = round(acc[run] - acc["vhmn_s0"], 1)
         assert (sign, value) == ("+" if d > 0 else "−" if d < 0 else "±", f"{abs(d):.1f}"), f"{run}: the page says {sign}{value}, the results give {d:+.1f}"
+    # the converged protocol: every "±x.y vs ViT (`cpu10long/run`)" is that run's accuracy minus the ViT's (vit_s0 there)
+    long = re.findall(r"([+−±])(\d+\.\d) vs ViT \(`cpu10long/(\w+)`\)", text)
+    vit = 100 * json.loads((ROOT / "results" / "cpu10long" / "vit_s0" / "results.json").read_text())["final"]["test_acc"]
+    for sign, value, run in long:
+        path = ROOT / "results" / "cpu10long" / run / "results.json"
+        assert path.is_file(), f"book/decisions.md quotes cpu10long/{run}, but {path.relative_to(ROOT)} does not exist"
+        d = round(100 * json.loads(path.read_text())["final"]["test_acc"] - vit, 1)
+        assert (sign, value) == ("+" if d > 0 else "−" if d < 0 else "±", f"{abs(d):.1f}"), f"cpu10long/{run}: the page says {sign}{value}, the results give {d:+.1f}"
