@@ -1,4 +1,6 @@
-"""Check that the built book renders offline: MathJax typesets every page's equations and every image loads.
+"""Check that the built book renders offline and fits its width: MathJax typesets every page's equations, every
+image loads, no script or stylesheet comes from the network, and at 1280 px nothing (code, output, table, display
+equation) is wider than the page.
 
 For developers (not run in CI). Needs the built HTML (``jupyter-book build .``) and a headless Chromium
 (Debian: ``apt-get install chromium``). Every page is opened from ``file://`` with all host names made
@@ -7,8 +9,8 @@ unresolvable, so a page that needs the network (a CDN copy of MathJax, a remote 
     .venv/bin/python scripts/render_check.py                      # every page under _build/html/book
     .venv/bin/python scripts/render_check.py book/intro.html --screenshot-dir /tmp/vhmn-shots
 
-For each page it prints how many equations MathJax rendered, how many images loaded, and writes a
-screenshot PNG (look at it). Exit status 1 if any page fails.
+For each page it prints how many equations MathJax rendered, how many images loaded, what overflows, and writes
+a screenshot PNG of the whole page (look at it). Exit status 1 if any page fails.
 """
 from __future__ import annotations
 
@@ -43,6 +45,31 @@ PROBE = """
 <script>
 (function () {
   document.querySelectorAll('img').forEach(function (i) { i.loading = 'eager'; });
+  // What a reader at book width would have to scroll sideways to see: code, outputs, tables, display equations.
+  function overflowing() {
+    // the visible right edge of the text column: the narrowest of the theme's article containers
+    var right = Infinity;
+    ['main', 'article', '.bd-article', '.bd-article-container', '#main-content'].forEach(function (q) {
+      document.querySelectorAll(q).forEach(function (c) { right = Math.min(right, c.getBoundingClientRect().right); });
+    });
+    if (right === Infinity) right = document.documentElement.clientWidth;
+    var sel = 'div.highlight pre, div.cell_output pre, div.output pre, table, mjx-container[display="true"], div.math';
+    var out = [];
+    document.querySelectorAll(sel).forEach(function (e) {
+      var r = e.getBoundingClientRect();
+      var scrolls = e.scrollWidth > e.clientWidth + 2;            // a scroll bar of its own
+      var spills = r.width > 0 && r.right > right + 2;             // past the column (clipped or off-page)
+      var clipped = false;                                         // inside a container narrower than itself
+      for (var p = e.parentElement; p && p !== document.body; p = p.parentElement) {
+        if (p.scrollWidth > p.clientWidth + 2 && getComputedStyle(p).overflowX !== 'visible') { clipped = true; break; }
+      }
+      if (!(scrolls || spills || clipped)) return;
+      var text = (e.textContent || '').replace(/\s+/g, ' ').trim().slice(0, 50);
+      out.push(e.tagName.toLowerCase() + ' ' + Math.round(r.width) + 'px' + (scrolls ? ' scrolls' : '') +
+               (spills ? ' spills' : '') + (clipped ? ' clipped' : '') + ': ' + text);
+    });
+    return out;
+  }
   function report(extra) {
     var imgs = Array.prototype.slice.call(document.images);
     var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
@@ -53,6 +80,11 @@ PROBE = """
       mjx_errors: document.querySelectorAll('mjx-merror').length,
       mathjax: (window.MathJax && window.MathJax.version) || null,
       math_sources: document.querySelectorAll('.math, span.math, div.math').length,
+      overflow: overflowing(),
+      network_scripts: Array.prototype.slice.call(document.querySelectorAll('script[src], link[rel="stylesheet"][href]'))
+        .map(function (e) { return e.getAttribute('src') || e.getAttribute('href'); })
+        .filter(function (u) { return /^(https?:)?\/\//.test(u); }),
+      height: document.documentElement.scrollHeight,
       note: extra || ''
     };
     var pre = document.createElement('pre');
@@ -107,7 +139,8 @@ def check_page(chromium: str, page: Path, shot_dir: Path) -> tuple[bool, str]:
     rep = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
 
     shot = shot_dir / (str(page.relative_to(page.parents[1])).replace("/", "_").replace(".html", ".png"))
-    run_chromium(chromium, ["--virtual-time-budget=20000", "--window-size=1280,1600", f"--screenshot={shot}", page.as_uri()])
+    height = max(800, min(int(rep.get("height") or 1600), 60000))  # the whole page, not its first screen
+    run_chromium(chromium, ["--virtual-time-budget=20000", f"--window-size=1280,{height}", f"--screenshot={shot}", page.as_uri()])
 
     problems = []
     if rep["math_sources"] and not rep["mathjax"]:
@@ -118,6 +151,10 @@ def check_page(chromium: str, page: Path, shot_dir: Path) -> tuple[bool, str]:
         problems.append(f"{rep['mjx_errors']} MathJax errors")
     if rep["images_failed"]:
         problems.append(f"images failed to load: {rep['images_failed']}")
+    if rep["overflow"]:
+        problems.append(f"{len(rep['overflow'])} element(s) wider than the page at 1280 px: " + " | ".join(rep["overflow"][:5]))
+    if rep["network_scripts"]:
+        problems.append(f"loads from the network: {rep['network_scripts']}")
     summary = (
         f"equations {rep['math_sources']:3d} typeset {rep['mjx']:3d} | images {rep['images']:2d} "
         f"failed {len(rep['images_failed'])} | MathJax {rep['mathjax']} | screenshot {shot}"
