@@ -97,6 +97,8 @@ CANDIDATES: dict[str, list[str]] = {
     # β_H, and the episodic global memory with labels: every change the diagnosis suggests at once
     "vhmn_windowctx_qkn_wrlv": WINDOW + ["model.window_self=false", "model.qk_norm=true"] + EPISODIC,
     "vhmn_window5ctx_qkn_wrlv": WINDOW + ["model.kernel_size=5", "model.window_self=false", "model.qk_norm=true"] + EPISODIC,
+    # ... and each neighbour's value read through a learned gain per offset and channel (a depthwise-conv readout)
+    "vhmn_windowctxg_qkn_wrlv": WINDOW + ["model.window_self=false", "model.offset_gain=true", "model.qk_norm=true"] + EPISODIC,
 }
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
@@ -108,7 +110,7 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
     vit = {e: (f"vit_e{e}_s0", "cifar10_frac10_cpulong_vit", 0, ov) for e, ov in VIT_BUDGETS.items()}
     vit_seed = lambda seed: (f"vit_s{seed}", "cifar10_frac10_cpulong_vit", seed, [])  # noqa: E731
     return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0), vhmn("vhmn_windowctx_qkn_wrlv", 0),
-            vhmn("vhmn_window5ctx_qkn_wrlv", 0), vit[50], vit[200], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
+            vhmn("vhmn_windowctxg_qkn_wrlv", 0), vhmn("vhmn_window5ctx_qkn_wrlv", 0), vit[50], vit[200], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0),
             vit_seed(1), vit_seed(2)]
 

@@ -39,6 +39,8 @@ def randomise(local):
             local.bank_bias.normal_()
         if hasattr(local, "memory"):
             local.memory.bank[:] = torch.randn_like(local.memory.bank)
+        if local.offset_gain is not None:
+            local.offset_gain.normal_()
 
 
 def brute_force(local, s, hw):
@@ -65,6 +67,8 @@ def brute_force(local, s, hw):
                     if local.rel_pos is not None:
                         logits = logits + local.rel_pos[h, [o for _, o in nb]]
                     values = vv[b, idx, sl]
+                    if local.offset_gain is not None:
+                        values = values * local.offset_gain[h, [o for _, o in nb]]
                     if hybrid:
                         logits = torch.cat([logits, r.scale * kb[h] @ q[b, i, sl] + local.bank_bias[h, 0]])
                         values = torch.cat([values, vb[h]])
@@ -74,7 +78,8 @@ def brute_force(local, s, hw):
 
 CASES = [dict(local_mode="window", rel_pos=True), dict(local_mode="hybrid"), dict(local_mode="hybrid", rel_pos=True),
          dict(local_mode="window", qk_norm=True), dict(local_mode="hybrid", rel_pos=True, qk_norm=True),
-         dict(local_mode="window", rel_pos=True, window_self=False), dict(local_mode="hybrid", window_self=False)]
+         dict(local_mode="window", rel_pos=True, window_self=False), dict(local_mode="hybrid", window_self=False),
+         dict(local_mode="window", rel_pos=True, offset_gain=True), dict(local_mode="hybrid", offset_gain=True)]
 
 
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
@@ -87,8 +92,8 @@ def test_fast_and_reference_paths_equal_the_brute_force(kw, k, hw):
     kv = local.project_memory()
     ref_path = local._window_unfold if kw["local_mode"] == "window" else (lambda s, hw: local._hybrid_reference(s, hw, kv))
     outs = [local(s, hw, kv), ref_path(s, hw), brute_force(local, s, hw)]
-    params = [s] + [p for p in (local.rel_pos, getattr(local, "bank_bias", None), getattr(local.retrieval, "log_inv_temp", None))
-                    if p is not None]
+    params = [s] + [p for p in (local.rel_pos, getattr(local, "bank_bias", None), getattr(local.retrieval, "log_inv_temp", None),
+                                local.offset_gain) if p is not None]
     grads = [torch.autograd.grad(o.square().sum(), params) for o in outs]
     for o, g in zip(outs[1:], grads[1:]):
         assert_close(outs[0], o, atol=1e-12, rtol=1e-10)
@@ -328,3 +333,22 @@ def test_mixer_output_change_removes_the_input_pass_through():
         keep = (1 - beta) ** T if T > 0 else 0.0
         assert_close(outs["state"], keep * u)
         assert_close(outs["change"], (keep - 1) * u)
+
+
+def test_offset_gain_with_a_uniform_association_is_a_depthwise_convolution():
+    """With zero queries (every neighbour weighted alike) a token's retrieval is the mean over its in-grid window of
+    gain(offset) ⊙ v_j: inside the grid, a depthwise k×k convolution of the values with the gains / k² as filter."""
+    local = local_of(local_mode="window", offset_gain=True)
+    with torch.no_grad():
+        local.retrieval.q.weight.zero_()
+        local.offset_gain.normal_()
+    s = torch.randn(2, 36, 32, dtype=torch.float64)
+    r = local.retrieval
+    with torch.no_grad():
+        got = local(s, (6, 6), None)
+        v = r.v(s).view(2, 6, 6, 32).permute(0, 3, 1, 2)  # (B, d, H, W)
+        w = local.offset_gain.reshape(2, 3, 3, 16).permute(0, 3, 1, 2).reshape(32, 1, 3, 3) / 9  # (d, 1, k, k)
+        conv = torch.nn.functional.conv2d(v, w, padding=1, groups=32).permute(0, 2, 3, 1).reshape(2, 36, 32)
+        want = r.o(conv)
+    inner = torch.tensor([y * 6 + x for y in range(1, 5) for x in range(1, 5)])  # full 3×3 windows
+    assert_close(got[:, inner], want[:, inner])

@@ -60,6 +60,9 @@ class VHMNConfig:
     # window/hybrid: whether a token's own state is among the patterns it retrieves from. False: the prediction m of
     # a token comes from its context alone (its neighbours, and the bank), so m − z is an error of prediction
     window_self: bool = True
+    # window/hybrid: each neighbour's value is read through a learned gain per head, offset and channel, so that the
+    # retrieval weighs a neighbour's channels by where it sits (with a uniform association: a depthwise k×k conv)
+    offset_gain: bool = False
     local_slots: int = 512
     global_slots: int = 256
     local_writes: int = 64  # features each local bank writes per training step
@@ -146,6 +149,8 @@ class LocalHopfield(nn.Module):
     'hybrid': each token's state retrieves, in one softmax, from its k×k neighbours *and* from a bank of
               N explicit patch prototypes (token states written from training images, with provenance):
               stored patterns X_i = [neighbours of i; bank], association p_i = softmax(β_H q_i K_iᵀ + b).
+    offset_gain: a neighbour's value is multiplied by a learned gain per head, offset and channel (the unfold path
+              computes it; with a uniform association the retrieval is then a depthwise k×k convolution).
     window_self=False: a token's own state is left out of its window (for 'window' and 'hybrid'): the prediction
               comes from the context alone.
     window_stored='input': the neighbours' keys and values are projected once per block from its input u and
@@ -176,6 +181,8 @@ class LocalHopfield(nn.Module):
             # (h, 1): a learned log-prior of the bank slots against the neighbours; log(k²/N) gives the bank as a whole
             # the weight of the k² neighbours at initialisation (with 0 the N slots would outweigh them N : k²)
             self.bank_bias = nn.Parameter(torch.full((heads, 1), math.log(k * k / cfg.local_slots)))
+        # (h, k², e), ones at first: the plain window retrieval
+        self.offset_gain = nn.Parameter(torch.ones(heads, k * k, dim // heads)) if cfg.offset_gain and self.mode != "bank" else None
         self._mask_cache: dict = {}
 
     def descriptor(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -213,11 +220,13 @@ class LocalHopfield(nn.Module):
 
     def _window(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
         if self.fast and hw[0] * hw[1] <= self.DENSE_WINDOW_MAX_TOKENS:
+            if self.offset_gain is not None:
+                return self._window_gain_dense(s, hw, tokens)
             return self._window_dense(s, hw, tokens)
         return self._window_unfold(s, hw, tokens)
 
     def _hybrid(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> Tensor:
-        if self.fast and hw[0] * hw[1] <= self.DENSE_WINDOW_MAX_TOKENS:
+        if self.fast and hw[0] * hw[1] <= self.DENSE_WINDOW_MAX_TOKENS and self.offset_gain is None:
             return self._hybrid_dense(s, hw, kv, tokens)
         return self._hybrid_reference(s, hw, kv, tokens)
 
@@ -275,6 +284,50 @@ class LocalHopfield(nn.Module):
         t = F.unfold(rearrange(t, "b (y x) d -> b d y x", y=hw[0]), k, padding=k // 2)  # (B, d·k², L)
         return rearrange(t, "b (h e kk) l -> (b l) h kk e", h=self.retrieval.heads, kk=k * k)
 
+    def _neighbour_index(self, hw: tuple[int, int], device) -> tuple[Tensor, Tensor]:
+        """(L, k²) index of each token's neighbour at each offset (clamped into the grid) and (L, k²) bool: that
+        neighbour exists (inside the grid; not the token itself with window_self=False). Cached per grid."""
+        key = ("nb", hw, str(device))
+        if key not in self._mask_cache:
+            H, W = hw
+            r, k = self.k // 2, self.k
+            y, x = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
+            dy, dx = torch.meshgrid(torch.arange(-r, r + 1, device=device), torch.arange(-r, r + 1, device=device), indexing="ij")
+            ny = y.reshape(-1, 1) + dy.reshape(1, -1)  # (L, k²)
+            nx = x.reshape(-1, 1) + dx.reshape(1, -1)
+            ok = (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+            if not self.window_self:
+                ok[:, (k * k) // 2] = False
+            index = ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)
+            self._mask_cache[key] = (index, ok)
+        return self._mask_cache[key]
+
+    def _window_gain_dense(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
+        """Fast path of window mode with offset gains: the association over all L tokens (masked to the window) in
+        one matrix product; then, per offset, its weight times the gained value grid shifted by that offset (k²
+        shifts, no gathered copies). Equal to :meth:`_window_unfold` up to rounding."""
+        r = self.retrieval
+        q, k, v = self._qkv(s, tokens)  # (B, h, L, e)
+        logits = r.scale * q @ k.transpose(-1, -2) + self.window_bias(hw, s.device, q.dtype)  # (B, h, L, L)
+        p = torch.softmax(logits, dim=-1)
+        index, ok = self._neighbour_index(hw, s.device)  # (L, k²)
+        B, h, L, e = v.shape
+        p_nb = p.gather(-1, index.expand(B, h, L, -1)) * ok  # (B, h, L, k²): the weight of each offset's neighbour
+        # each offset's neighbours are the value grid shifted by that offset (zero outside; its weight is 0 there)
+        rad, (H, W) = self.k // 2, hw
+        v_pad = F.pad(rearrange(v, "b h (y x) e -> b h e y x", y=H), (rad, rad, rad, rad))  # (B, h, e, H+2r, W+2r)
+        out = 0
+        for o in range(self.k * self.k):
+            dy, dx = divmod(o, self.k)
+            shifted = rearrange(v_pad[..., dy : dy + H, dx : dx + W], "b h e y x -> b h (y x) e")
+            out = out + p_nb[..., o : o + 1] * self.offset_gain[:, o].unsqueeze(1) * shifted  # (B, h, L, e)
+        return r.o(rearrange(out, "b h l e -> b l (h e)"))
+
+    def _neighbour_values(self, v: Tensor, hw: tuple[int, int]) -> Tensor:
+        """(B, L, d) → (B·L, heads, k², e): the neighbours' values, through the offset gains if there are any."""
+        nb = self._neighbours(v, hw)
+        return nb if self.offset_gain is None else nb * self.offset_gain
+
     def _unfold_bias(self, hw: tuple[int, int], device, dtype) -> Tensor:
         """(L, h, 1, k²) float: the offset bias for neighbours inside the grid, −inf for the zero padding."""
         H, W = hw
@@ -293,7 +346,7 @@ class LocalHopfield(nn.Module):
         q = rearrange(r.query(s), "b l (h e) -> (b l) h 1 e", h=r.heads)
         mask = self._unfold_bias(hw, s.device, q.dtype).repeat(B, 1, 1, 1)  # (B·L, h, 1, k²)
         k, v = self._kv(s, tokens)
-        out = F.scaled_dot_product_attention(q, self._neighbours(k, hw), self._neighbours(v, hw), attn_mask=mask, scale=r.scale)
+        out = F.scaled_dot_product_attention(q, self._neighbours(k, hw), self._neighbour_values(v, hw), attn_mask=mask, scale=r.scale)
         return r.o(rearrange(out, "(b l) h 1 e -> b l (h e)", b=B))
 
     def _hybrid_dense(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> Tensor:
@@ -328,7 +381,7 @@ class LocalHopfield(nn.Module):
         logits_n, logits_b = self.hybrid_logits(s, hw, kv, tokens)
         p = torch.softmax(torch.cat([logits_n, logits_b], dim=-1), dim=-1)  # (B·L, h, k² + N)
         kk = self.k**2
-        out = torch.einsum("qhk,qhke->qhe", p[..., :kk], self._neighbours(self._kv(s, tokens)[1], hw))
+        out = torch.einsum("qhk,qhke->qhe", p[..., :kk], self._neighbour_values(self._kv(s, tokens)[1], hw))
         out = out + torch.einsum("qhn,hne->qhe", p[..., kk:], kv[1][0])
         return r.o(rearrange(out, "(b l) h e -> b l (h e)", b=B))
 
