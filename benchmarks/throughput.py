@@ -191,7 +191,30 @@ def finish(row: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
-SWEEPS = ("memory_slots", "refine_steps", "local_mode", "image_size")
+SWEEPS = ("memory_slots", "refine_steps", "local_mode", "image_size", "candidates")
+
+
+def long_protocol_candidates() -> dict:
+    """The memory-mixer candidates of the converged CPU protocol (scripts/cpu_experiments.py CANDIDATES, width 64)
+    and its ViT, as model builders: one definition of each candidate, read from the script."""
+    import importlib.util
+
+    from vhmn.experiments import load_experiment
+    from vhmn.train import parse_override
+
+    spec = importlib.util.spec_from_file_location("cpu_experiments", Path(__file__).resolve().parent.parent / "scripts" / "cpu_experiments.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    vhmn_kw = load_experiment("cifar10_frac10_cpulong_vhmn")["model_kwargs"]
+    vit_kw = load_experiment("cifar10_frac10_cpulong_vit")["model_kwargs"]
+    out = {"vit (width 64)": lambda: create_model("vit_tiny_cifar", **vit_kw)}
+    for name, overrides in mod.CANDIDATES.items():
+        kw = dict(vhmn_kw)
+        for o in overrides:
+            key, value = parse_override(o)
+            kw[key.removeprefix("model.")] = value
+        out[name] = lambda kw=kw: create_model("vhmn_tiny_cifar", **kw)
+    return out
 
 
 def unfold_window(model: VHMN) -> VHMN:
@@ -312,6 +335,14 @@ def main(argv: list[str] | None = None) -> dict:
         for r in sweeps["image_size"]:
             r.update(meta[r["model"]])
         print(table("image size (width 192, depth 6; tokens = (size / patch)²)", sweeps["image_size"]) + "\n")
+
+    if "candidates" in wanted:
+        sweeps["candidates"] = compare(long_protocol_candidates(), args, device)
+        vit_ips = sweeps["candidates"][0]["train_img_s"]
+        for r in sweeps["candidates"]:
+            r["train_vs_vit"] = r["train_img_s"] / vit_ips
+        print(table("the converged protocol's candidates (width 64, depth 4) and its ViT", sweeps["candidates"]))
+        print("  training throughput / ViT's: " + ", ".join(f"{r['model']} {r['train_vs_vit']:.2f}×" for r in sweeps["candidates"][1:]) + "\n")
 
     profile = profile_vhmn(args, device) if args.profile else None
 
