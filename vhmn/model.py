@@ -271,11 +271,11 @@ class LocalHopfield(nn.Module):
         neighbourhood mask: no unfold copies. Equal to :meth:`_window_unfold` up to rounding."""
         r = self.retrieval
         q, k, v = self._qkv(s, tokens)  # (B, h, L, e) each
-        if self.rel_pos is None:
-            mask = self.neighbourhood_mask(hw, s.device)  # (L, L) bool
-        else:
-            mask = self.window_bias(hw, s.device, q.dtype)  # (h, L, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=r.scale)
+        if self.rel_pos is None:  # a boolean mask: the fused attention kernel
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.neighbourhood_mask(hw, s.device), scale=r.scale)
+        else:  # a learned float bias: one matrix product and a softmax beat the kernel's float-mask path on CPU
+            logits = r.scale * q @ k.transpose(-1, -2) + self.window_bias(hw, s.device, q.dtype)  # (B, h, L, L)
+            out = torch.softmax(logits, dim=-1) @ v
         return r.o(rearrange(out, "b h l e -> b l (h e)"))
 
     def _neighbours(self, t: Tensor, hw: tuple[int, int]) -> Tensor:
