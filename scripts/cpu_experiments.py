@@ -109,8 +109,10 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
     vhmn = lambda name, seed: (f"{name}_s{seed}", "cifar10_frac10_cpulong_vhmn", seed, CANDIDATES[name])  # noqa: E731
     vit = {e: (f"vit_e{e}_s0", "cifar10_frac10_cpulong_vit", 0, ov) for e, ov in VIT_BUDGETS.items()}
     vit_seed = lambda seed: (f"vit_s{seed}", "cifar10_frac10_cpulong_vit", seed, [])  # noqa: E731
+    vit_lr = {lr: (f"vit_lr{lr}_s0", "cifar10_frac10_cpulong_vit", 0, [f"lr={lr}"]) for lr in ("5e-4", "2e-3")}  # the recipe's lr, for the ViT
     return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0), vhmn("vhmn_windowctx_qkn_wrlv", 0),
-            vhmn("vhmn_windowctxg_qkn_wrlv", 0), vhmn("vhmn_window5ctx_qkn_wrlv", 0), vit[50], vit[200], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
+            vhmn("vhmn_windowctxg_qkn_wrlv", 0), vhmn("vhmn_window5ctx_qkn_wrlv", 0), vit[50], vit[200], vit_lr["2e-3"],
+            vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0),
             vit_seed(1), vit_seed(2)]
 
