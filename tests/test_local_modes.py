@@ -17,13 +17,7 @@ from torch.testing import assert_close
 from vhmn import create_model
 from vhmn.diagnostics import effective_slots, memory_diagnostics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _slice import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 
 def local_of(**kw):
