@@ -100,6 +100,18 @@ CANDIDATES: dict[str, list[str]] = {
     # ... and each neighbour's value read through a learned gain per offset and channel (a depthwise-conv readout)
     "vhmn_windowctxg_qkn_wrlv": WINDOW + ["model.window_self=false", "model.offset_gain=true", "model.qk_norm=true"] + EPISODIC,
 }
+# The controls of the best fast candidate (BEST): what its gap to the ViT comes from. k = 15 makes the window the
+# whole 8×8 grid (global retrieval, as the ViT's attention, without the token itself): locality or not; T = 0 and
+# T = 1 are fewer refinement steps (T = 0: one retrieval, m(u)); 'change' adds s_T − u to the residual stream
+# instead of s_T (no (1 − β)^T u pass-through: the confound of the refinement ablation).
+BEST = "vhmn_window5ctx_qkn_wrlv"
+CONTROLS: dict[str, list[str]] = {
+    "vhmn_window15ctx_qkn_wrlv": WINDOW + ["model.kernel_size=15", "model.window_self=false", "model.qk_norm=true"] + EPISODIC,
+    f"{BEST}_T0": CANDIDATES[BEST] + ["model.refine_steps=0"],
+    f"{BEST}_T1": CANDIDATES[BEST] + ["model.refine_steps=1"],
+    f"{BEST}_change": CANDIDATES[BEST] + ["model.mixer_output=change"],
+}
+CANDIDATES.update(CONTROLS)
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
 
@@ -111,10 +123,12 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
     vit_seed = lambda seed: (f"vit_s{seed}", "cifar10_frac10_cpulong_vit", seed, [])  # noqa: E731
     vit_lr = {lr: (f"vit_lr{lr}_s0", "cifar10_frac10_cpulong_vit", 0, [f"lr={lr}"]) for lr in ("5e-4", "2e-3")}  # the recipe's lr, for the ViT
     return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0), vhmn("vhmn_windowctx_qkn_wrlv", 0),
-            vhmn("vhmn_windowctxg_qkn_wrlv", 0), vhmn("vhmn_window5ctx_qkn_wrlv", 0), vit[50], vit[200], vit_lr["2e-3"],
+            vhmn("vhmn_windowctxg_qkn_wrlv", 0), vhmn(BEST, 0), vit[50], vit[200], vit_lr["2e-3"],
+            # the noise band of the best fast candidate and the ViT, and the candidate's controls
+            vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn(f"{BEST}_T0", 0), vit_seed(2),
+            vhmn(BEST, 2), vhmn(f"{BEST}_change", 0), vhmn(f"{BEST}_T1", 0),
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
-            vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0),
-            vit_seed(1), vit_seed(2)]
+            vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
 
 
 def plan(only: str | None, protocol: str = "16") -> list[tuple[str, str, int, list[str]]]:
