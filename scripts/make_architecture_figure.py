@@ -40,7 +40,7 @@ def arrow(ax, xy0, xy1, color="#333333", style="-|>", rad=0.0, lw=1.2, ls="-"):
 
 
 def draw(out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(12, 6.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(12, 6.6), dpi=150)
     ax.set_xlim(0, 12)
     ax.set_ylim(-0.4, 6.2)
     ax.axis("off")
@@ -123,7 +123,7 @@ def draw(out: Path) -> None:
     ax.text(lx + 4.02, ly + 0.11, "our decision (alternatives are ablations; see book/decisions.md)", va="center", fontsize=8.5)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight", facecolor="white", metadata={"Software": None})
+    fig.savefig(out, dpi=150, bbox_inches="tight", facecolor="white", metadata={"Software": None})
     plt.close(fig)
 
 

@@ -293,3 +293,22 @@ def test_decisions_page_ablation_numbers_match_the_committed_results():
         assert path.is_file(), f"book/decisions.md quotes cpu10long/{run}, but {path.relative_to(ROOT)} does not exist"
         d = round(100 * json.loads(path.read_text())["final"]["test_acc"] - vit, 1)
         assert (sign, value) == ("+" if d > 0 else "−" if d < 0 else "±", f"{abs(d):.1f}"), f"cpu10long/{run}: the page says {sign}{value}, the results give {d:+.1f}"
+
+
+def test_book_figures_are_150_dpi_with_text_of_9_points_or_more():
+    """Issue 14: every chapter that plots sets the figure defaults by vhmn.notebook.setup (150 dpi, 10 pt text),
+    and no label, title or legend in the book's code asks for less than 9 pt."""
+    import matplotlib
+
+    from vhmn.notebook import setup
+
+    setup()
+    assert matplotlib.rcParams["figure.dpi"] >= 150 and matplotlib.rcParams["savefig.dpi"] >= 150
+    assert matplotlib.rcParams["font.size"] >= 9
+    for path in notebooks():
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+        if "plt." in code:
+            assert "setup(" in code, f"{path.name} plots without vhmn.notebook.setup(): its figures miss the 150-dpi default"
+        small = [s for s in re.findall(r"fontsize=(\d+(?:\.\d+)?)\b", code) if float(s) < 9]
+        assert not small, f"{path.name}: fontsize={small[0]} (less than 9 pt) in a figure"

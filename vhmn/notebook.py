@@ -40,7 +40,7 @@ def setup(seed: int = 0, default_mode: str = "smoke") -> Setup:
     seed_everything(seed)
     import matplotlib
 
-    matplotlib.rcParams.update({"figure.dpi": 80, "savefig.dpi": 80, "figure.figsize": (6, 3.5), "font.size": 10})
+    matplotlib.rcParams.update({"figure.dpi": 150, "savefig.dpi": 150, "figure.figsize": (6, 3.5), "font.size": 10})
     try:  # PNG figures in stored outputs
         from IPython import get_ipython
 
