@@ -18,8 +18,9 @@ assembles ``cifar10/{train,test}.npz`` as soon as all parts are there; the 10% s
 the 10% subset are there (the other rows then hold zeros and label −1, never read: the subset's indices pick rows).
 The trainer keeps the whole dataset on the GPU (vhmn.loader.DeviceLoader) and augments it there.
 
-Order. The issue's priority is (1) V-HMN and ViT on the full CIFAR-10, short; (2) the 10% table, seed 0, converged;
-(3) MLP-Mixer and ConvMixer on 10%; (4) seeds 1–2; (5) the long full run. The full training set needs three calls
+Order. The issue's priority is (1) V-HMN and ViT on the full CIFAR-10, short; (2) the 10% table, seed 0, converged,
+and the converged CPU protocol's best memory mixer at that scale (call2); (3) MLP-Mixer and ConvMixer on 10%;
+(4) seeds 1–2; (5) the long full run. The full training set needs three calls
 to travel, so the calls run (2) first (with the GPU throughput benchmark), carry the training chunks while running
 (3) and (4), and run (1) once the full set is assembled, then the rest of (4) and (5): no call waits idle for data.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -65,11 +67,23 @@ class Stage:
     runs: list[Run]
 
 
+def _best_candidate() -> tuple[str, list[str]]:
+    """The converged CPU protocol's best fast memory mixer (scripts/cpu_experiments.py BEST): name, model overrides."""
+    spec = importlib.util.spec_from_file_location("cpu_experiments", Path(__file__).resolve().parent / "cpu_experiments.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.BEST, mod.CANDIDATES[mod.BEST]
+
+
+BEST, BEST_OVERRIDES = _best_candidate()
 FULL_SHORT = ["epochs=20", "warmup_epochs=1", "eval_every=5", "ckpt_every=20"]
 FRAC10 = []  # cifar10_frac10_* : the shared recipe, 200 epochs, warmup 10
 STAGES = [
     Stage("frac10", "10% CIFAR-10, seed 0: V-HMN and ViT (200 epochs)", "frac10",
           [Run("vhmn_frac10_s0", "cifar10_frac10_vhmn", FRAC10, True), Run("vit_frac10_s0", "cifar10_frac10_vit", FRAC10, True)]),
+    # the converged CPU protocol's best fast candidate at the paper-scale width and recipe: does it beat the ViT there?
+    Stage("frac10_candidate", f"10% CIFAR-10, seed 0: V-HMN with the CPU protocol's best fast mixer ({BEST})", "frac10",
+          [Run(f"{BEST}_frac10_s0", "cifar10_frac10_vhmn", BEST_OVERRIDES, True)]),
     Stage("frac10_baselines", "10% CIFAR-10, seed 0: MLP-Mixer and ConvMixer", "frac10",
           [Run(f"{m}_frac10_s0", f"cifar10_{m}", ["subset=cifar10_frac10", "epochs=200", "warmup_epochs=10"]) for m in ("mixer", "convmixer")]),
     *[Stage(f"frac10_s{s}", f"10% CIFAR-10, seed {s}: V-HMN and ViT", "frac10",
@@ -82,11 +96,12 @@ STAGES = [
 # One call each; what it carries (chunk files packed into .gpu_data/<call>/) and which stages it runs.
 CALLS = {
     "call1": (["test", "frac10"], ["frac10"], True),  # + the GPU throughput benchmark
-    "call2": (["train-0", "train-1"], ["frac10_baselines"], False),
+    "call2": (["train-0", "train-1"], ["frac10_candidate"], False),
     "call3": (["train-2", "train-3"], ["frac10_s1"], False),
     "call4": (["train-4", "train-5"], ["full_short"], False),
-    "call5": ([], ["frac10_s2"], False),
-    "call6": ([], ["full_long"], False),
+    "call5": ([], ["frac10_baselines"], False),
+    "call6": ([], ["frac10_s2"], False),
+    "call7": ([], ["full_long"], False),
 }
 # Training images/s used by `plan` when no GPU run of the model is committed yet: the committed H100 benchmark
 # (results/benchmarks/nvidia-h100-80gb-hbm3.json, compiled bf16, batch 256); MLP-Mixer and ConvMixer: the ViT's.
