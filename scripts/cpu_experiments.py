@@ -103,11 +103,14 @@ CANDIDATES: dict[str, list[str]] = {
 # The controls of the best fast candidate (BEST): what its gap to the ViT comes from. k = 15 makes the window the
 # whole 8×8 grid (global retrieval, as the ViT's attention, without the token itself): locality or not; T = 0 and
 # T = 1 are fewer refinement steps (T = 0: one retrieval, m(u)); 'change' adds s_T − u to the residual stream
-# instead of s_T (no (1 − β)^T u pass-through: the confound of the refinement ablation).
+# instead of s_T (no (1 − β)^T u pass-through: the confound of the refinement ablation). 'hybrid' is the candidate with
+# explicit stored patterns kept: each token retrieves, in one softmax, from its 5×5 context and a bank of 256 patch
+# prototypes with provenance (what chapter 11 shows), instead of from its context alone.
 BEST = "vhmn_window5ctx_qkn_wrlv"
 CONTROLS: dict[str, list[str]] = {
     "vhmn_window15ctx_qkn_wrlv": WINDOW + ["model.kernel_size=15", "model.window_self=false", "model.qk_norm=true"] + EPISODIC,
     f"{BEST}_T0": CANDIDATES[BEST] + ["model.refine_steps=0"],
+    "vhmn_hybrid5ctx_qkn_wrlv": [o.replace("=window", "=hybrid") for o in CANDIDATES[BEST]],
     f"{BEST}_T1": CANDIDATES[BEST] + ["model.refine_steps=1"],
     f"{BEST}_change": CANDIDATES[BEST] + ["model.mixer_output=change"],
 }
@@ -125,7 +128,8 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
     return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0), vhmn("vhmn_windowctx_qkn_wrlv", 0),
             vhmn("vhmn_windowctxg_qkn_wrlv", 0), vhmn(BEST, 0), vit[50], vit[200], vit_lr["2e-3"],
             # the noise band of the best fast candidate and the ViT, and the candidate's controls
-            vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn(f"{BEST}_T0", 0), vit_seed(2),
+            vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn(f"{BEST}_T0", 0),
+            vhmn("vhmn_hybrid5ctx_qkn_wrlv", 0), vit_seed(2),
             vhmn(BEST, 2), vhmn(f"{BEST}_change", 0), vhmn(f"{BEST}_T1", 0),
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
