@@ -95,7 +95,7 @@ STAGES = [
 ]
 # One call each; what it carries (chunk files packed into .gpu_data/<call>/) and which stages it runs.
 CALLS = {
-    "call1": (["test", "frac10"], ["frac10"], True),  # + the GPU throughput benchmark
+    "call1": (["test", "frac10"], ["frac10"], True),  # + the GPU sync test and throughput benchmark
     "call2": (["train-0", "train-1"], ["frac10_candidate"], False),
     "call3": (["train-2", "train-3"], ["frac10_s1"], False),
     "call4": (["train-4", "train-5"], ["full_short"], False),
@@ -293,6 +293,18 @@ def throughput(out: Path, dry_run: bool) -> str:
     return f"throughput: benchmarks/throughput.py --quick exited {rc}"
 
 
+def sync_test(dry_run: bool) -> str:
+    """tests/test_gpu_sync.py: no host-device sync in a training step (skipped without a GPU). Its summary line."""
+    import subprocess
+
+    if dry_run:
+        return "sync test: skipped in a dry run (it needs a GPU)"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu_sync.py")],
+                          cwd=ROOT, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return f"sync test (tests/test_gpu_sync.py): exit {proc.returncode}, {lines[-1] if lines else 'no output'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -322,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "calls":
         for call, (chunks, stages, bench) in CALLS.items():
             carry = f'carry [".gpu_data/{call}"]' if chunks else "carry nothing"
-            what = (["throughput benchmark"] if bench else []) + stages
+            what = (["sync test", "throughput benchmark"] if bench else []) + stages
             print(f"{call}: {carry}; runs {', '.join(what)}\n    command: PYTHONUNBUFFERED=1 VHMN_GIT_COMMIT=<git rev-parse HEAD> "
                   f"python3 scripts/gpu_reproduce.py run {call} --out $OUT")
         return 0
@@ -350,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         ready = stage_data(carried, staged)
         lines.append(f"{call}: data ready: {ready}")
         if bench:
+            lines.append(sync_test(args.dry_run))
             lines.append(throughput(out, args.dry_run))
         for st in (s for s in STAGES if s.key in stage_keys):
             if st.data == "full" and ready != "full":
