@@ -63,7 +63,8 @@ ABLATIONS: dict[str, list[str]] = {
     "vhmn_rate025": ["model.refine_rate=0.25"],
     "vhmn_staged": ["model.patch_size=2", "model.dims=[64,128]", "model.depths=[2,2]"],  # 7: staged layout
     "vhmn_attnpool": ["model.pool=attn"],  # 8: attention pooling head
-    "vhmn_change": ["model.mixer_output=change"],  # 5, control: T = 2 without the (1 − β)^T u pass-through of s_T
+    "vhmn_change": ["model.mixer_output=change"],  # 5, control: T = 2, the mixer adds s_T − u (−0.75 u for the +0.25 u)
+    "vhmn_retrieval": ["model.mixer_output=retrieval"],  # 5, the clean control: T = 2 without the (1 − β)^T u of s_T
 }
 
 # The data curve and the long-tailed setting (deliverable 1 of the experiments issue): V-HMN vs ViT, seed 0,
@@ -102,8 +103,8 @@ CANDIDATES: dict[str, list[str]] = {
 }
 # The controls of the best fast candidate (BEST): what its gap to the ViT comes from. k = 15 makes the window the
 # whole 8×8 grid (global retrieval, as the ViT's attention, without the token itself): locality or not; T = 0 and
-# T = 1 are fewer refinement steps (T = 0: one retrieval, m(u)); 'change' adds s_T − u to the residual stream
-# instead of s_T (no (1 − β)^T u pass-through: the confound of the refinement ablation). 'hybrid' is the candidate with
+# T = 1 are fewer refinement steps (T = 0: one retrieval, m(u)); 'retrieval' adds s_T − (1 − β)^T u to the residual
+# stream instead of s_T: T = 2 without the input pass-through (the confound of the refinement ablation). 'hybrid' is the candidate with
 # explicit stored patterns kept: each token retrieves, in one softmax, from its 5×5 context and a bank of 256 patch
 # prototypes with provenance (what chapter 11 shows), instead of from its context alone.
 BEST = "vhmn_window5ctx_qkn_wrlv"
@@ -112,7 +113,7 @@ CONTROLS: dict[str, list[str]] = {
     f"{BEST}_T0": CANDIDATES[BEST] + ["model.refine_steps=0"],
     "vhmn_hybrid5ctx_qkn_wrlv": [o.replace("=window", "=hybrid") for o in CANDIDATES[BEST]],
     f"{BEST}_T1": CANDIDATES[BEST] + ["model.refine_steps=1"],
-    f"{BEST}_change": CANDIDATES[BEST] + ["model.mixer_output=change"],
+    f"{BEST}_retrieval": CANDIDATES[BEST] + ["model.mixer_output=retrieval"],
 }
 CANDIDATES.update(CONTROLS)
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
@@ -130,7 +131,7 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             # the noise band of the best fast candidate and the ViT, and the candidate's controls
             vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn(f"{BEST}_T0", 0),
             vhmn("vhmn_hybrid5ctx_qkn_wrlv", 0), vit_seed(2),
-            vhmn(BEST, 2), vhmn(f"{BEST}_change", 0), vhmn(f"{BEST}_T1", 0),
+            vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
 

@@ -310,22 +310,31 @@ def test_candidates_compile_without_graph_breaks(kw):
     torch._dynamo.reset()
 
 
-def test_mixer_output_change_removes_the_input_pass_through():
-    """s_T = (1 − β)^T u + (retrievals): 'change' returns s_T − u, so a mixer whose memory predicts nothing (m ≡ 0,
-    zeroed output projections) adds −(1 − (1 − β)^T) u with 'change' and (1 − β)^T u with 'state'."""
+def test_mixer_output_modes_separate_the_input_pass_through_from_the_retrievals():
+    """s_T = (1 − β)^T u + (retrievals): with a memory that predicts nothing (m ≡ 0, zeroed output projections) the
+    mixer adds (1 − β)^T u with 'state', nothing with 'retrieval' and −(1 − (1 − β)^T) u with 'change' (s_T − u);
+    with a memory that does predict, 'state' − 'retrieval' is exactly the pass-through (1 − β)^T u."""
     torch.manual_seed(0)
     u = torch.randn(2, 64, 32, dtype=torch.float64)
     for T, beta in ((0, 0.5), (1, 0.5), (2, 0.5), (3, 0.25)):
-        outs = {}
-        for mode in ("state", "change"):
+        outs, full = {}, {}
+        for mode in ("state", "retrieval", "change"):
+            torch.manual_seed(1)
+            m = create_model("vhmn_test", refine_steps=T, refine_rate=beta, mixer_output=mode).double().eval()
+            with torch.no_grad():
+                full[mode] = m.stages[0][0].mixer(u, (8, 8))
+        keep = (1 - beta) ** T if T > 0 else 0.0
+        assert_close(full["state"] - full["retrieval"], keep * u)
+        assert_close(full["state"] - full["change"], u)
+        for mode in ("state", "retrieval", "change"):
             m = create_model("vhmn_test", refine_steps=T, refine_rate=beta, mixer_output=mode).double().eval()
             mixer = m.stages[0][0].mixer
             with torch.no_grad():
                 for r in (mixer.local.retrieval, mixer.glob.retrieval):
                     r.o.weight.zero_(), r.o.bias.zero_()
                 outs[mode] = mixer(u, (8, 8))
-        keep = (1 - beta) ** T if T > 0 else 0.0
         assert_close(outs["state"], keep * u)
+        assert_close(outs["retrieval"], torch.zeros_like(u))
         assert_close(outs["change"], (keep - 1) * u)
 
 

@@ -78,8 +78,10 @@ class VHMNConfig:
     # predictive-coding refinement
     refine_steps: int = 2  # T; 0 = feed-forward (one retrieval)
     refine_rate: float = 0.5  # β of z ← z + β(m − z)
-    # what the mixer adds to the residual stream: the refined 'state' s_T, or its 'change' s_T − u. For T ≥ 1 and β < 1,
-    # s_T carries (1 − β)^T u; 'change' removes that pass-through (the control of the refinement ablation)
+    # what the mixer adds to the residual stream. For T ≥ 1, s_T = (1 − β)^T u + (the retrieved terms):
+    # 'state': s_T; 'retrieval': s_T − (1 − β)^T u, the retrieved terms alone (the clean control of the refinement
+    # ablation: T steps without the input pass-through, as T = 0 has none); 'change': s_T − u, the refinement's total
+    # change (it replaces the pass-through (1 − β)^T u by −(1 − (1 − β)^T) u)
     mixer_output: str = "state"
     # head
     pool: str = "mean"  # 'mean' | 'attn' (attention pooling with a learned query)
@@ -93,7 +95,7 @@ class VHMNConfig:
             "global_mod": ("add", "film"),
             "fusion": ("sum", "concat"),
             "window_stored": ("state", "input"),
-            "mixer_output": ("state", "change"),
+            "mixer_output": ("state", "retrieval", "change"),
             "pool": ("mean", "attn"),
         }
         for name, allowed in choices.items():
@@ -503,7 +505,11 @@ class MemoryMixer(nn.Module):
         s_T = predictive_coding_refine(
             u, lambda s: self.predict(s, hw, kv_l, kv_g, tokens), cfg.refine_rate, cfg.refine_steps, on_step
         )
-        return s_T - u if cfg.mixer_output == "change" else s_T
+        if cfg.mixer_output == "change":
+            return s_T - u
+        if cfg.mixer_output == "retrieval" and cfg.refine_steps > 0:  # T = 0 returns m(u): no pass-through to remove
+            return s_T - (1 - cfg.refine_rate) ** cfg.refine_steps * u
+        return s_T
 
     def _recorder(self, record: list, hw, kv_l, kv_g, tokens=None):
         """Inspection: per refinement step, the associations and the prediction error."""
