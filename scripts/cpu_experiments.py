@@ -129,8 +129,8 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
     return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0), vhmn("vhmn_windowctx_qkn_wrlv", 0),
             vhmn("vhmn_windowctxg_qkn_wrlv", 0), vhmn(BEST, 0), vit[50], vit[200], vit_lr["2e-3"],
             # the noise band of the best fast candidate and the ViT, and the candidate's controls
-            vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn(f"{BEST}_T0", 0),
-            vhmn("vhmn_hybrid5ctx_qkn_wrlv", 0), vit_seed(2),
+            vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn("vhmn_hybrid5ctx_qkn_wrlv", 0),
+            vhmn(f"{BEST}_T0", 0), vit_seed(2),
             vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
