@@ -10,16 +10,28 @@ its first device call.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _slice import REPO
 from vhmn import create_model
+from vhmn.train import parse_override
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-BEST = dict(local_mode="window", rel_pos=True, window_stored="input", kernel_size=5, window_self=False, qk_norm=True,
-            write_after_read=True, global_label_values=True)
+
+def best_candidate() -> dict:
+    """The model fields of scripts/cpu_experiments.py's BEST candidate (one definition, read from the script)."""
+    spec = importlib.util.spec_from_file_location("cpu_experiments", REPO / "scripts" / "cpu_experiments.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {k.removeprefix("model."): v for k, v in map(parse_override, mod.CANDIDATES[mod.BEST])}
+
+
+BEST = best_candidate()
 
 
 @cuda
