@@ -114,7 +114,17 @@ CONTROLS: dict[str, list[str]] = {
     "vhmn_hybrid5ctx_qkn_wrlv": [o.replace("=window", "=hybrid") for o in CANDIDATES[BEST]],
     f"{BEST}_T1": CANDIDATES[BEST] + ["model.refine_steps=1"],
     f"{BEST}_retrieval": CANDIDATES[BEST] + ["model.mixer_output=retrieval"],
+    # the V-HMN code reduced to a ViT block (what is left when every memory feature is off): one retrieval (T = 0)
+    # from the k×k window with the token itself, no global memory, dot-product retrieval at 1/√e, a learned bias per
+    # offset (the ViT's position embedding's stand-in). k = 15: global attention, as the ViT's; k = 5: local
+    # attention. The ladder from them to BEST says which of its memory features cost, and which help.
+    "vhmn_vitlike15": ["model.local_mode=window", "model.rel_pos=true", "model.kernel_size=15", "model.refine_steps=0", "model.global_memory=false"],
+    "vhmn_vitlike5": ["model.local_mode=window", "model.rel_pos=true", "model.kernel_size=5", "model.refine_steps=0", "model.global_memory=false"],
 }
+# With the ViT's learned absolute position embedding (model.pos_embed), and run after V-HMN's position biases and
+# learned inverse temperatures were taken out of the weight decay (VHMN.no_weight_decay; the ViT's position embedding
+# never was in it): the two differences between the ViT recipe and V-HMN's that are not memory.
+CONTROLS.update({f"{name}_pe": CONTROLS.get(name, CANDIDATES.get(name)) + ["model.pos_embed=true"] for name in ("vhmn_vitlike5", BEST)})
 CANDIDATES.update(CONTROLS)
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
@@ -131,6 +141,7 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             # the noise band of the best fast candidate and the ViT, and the candidate's controls
             vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn("vhmn_hybrid5ctx_qkn_wrlv", 0),
             vhmn(f"{BEST}_T0", 0), vit_seed(2),
+            vhmn("vhmn_vitlike5", 0), vhmn("vhmn_vitlike5_pe", 0), vhmn(f"{BEST}_pe", 0), vhmn("vhmn_vitlike15", 0),
             vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
@@ -216,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="16: the 16-epoch protocol (results/cpu10); long: the converged one (results/cpu10long)")
     ap.add_argument("--only", choices=("main", "ablations", "curve"), default=None)
     ap.add_argument("--skip", nargs="*", default=[], help="run names not to start (e.g. vhmn_frac100_s0)")
+    ap.add_argument("--runs", nargs="*", default=None, help="run only these run names (in the plan's order)")
     ap.add_argument("--longest-first", action="store_true", help="start the most expensive runs first")
     ap.add_argument("--deadline", default=None, help="HH:MM (UTC): start no run after this time")
     ap.add_argument("--list", action="store_true")
@@ -224,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.protocol == "long":
         RESULTS, RUNS = ROOT / "results" / "cpu10long", ROOT / "runs" / "cpu10long"
     todo = [item for item in plan(args.only, args.protocol) if item[0] not in args.skip]
+    if args.runs is not None:
+        unknown = set(args.runs) - {item[0] for item in todo}
+        if unknown:
+            ap.error(f"--runs: {sorted(unknown)} not in the plan; see --list")
+        todo = [item for item in todo if item[0] in args.runs]
     if args.longest_first:
         todo.sort(key=cost, reverse=True)
     if args.list:

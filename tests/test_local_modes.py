@@ -355,3 +355,91 @@ def test_offset_gain_with_a_uniform_association_is_a_depthwise_convolution():
         want = r.o(conv)
     inner = torch.tensor([y * 6 + x for y in range(1, 5) for x in range(1, 5)])  # full 3×3 windows
     assert_close(got[:, inner], want[:, inner])
+
+
+LINEAR_CASES = [dict(T=T, qk_norm=qk, rel_pos=rp, global_memory=g, mixer_output=out)
+                for T in (0, 1, 2, 3) for qk in (False, True) for rp in (False, True) for g in (False, True)
+                for out in ("state", "retrieval", "change") if not (out != "state" and (qk or rp))]
+
+
+@pytest.mark.parametrize("c", LINEAR_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_linear_refinement_equals_the_reference_loop(c):
+    """The fast refinement (the state carried as its projection W_q s_t and its mean, W_o applied once to the
+    weighted sum of the retrievals) equals the reference loop of predictive_coding_refine, in the output and
+    in every gradient, with and without cosine retrieval, offset biases, global memory and for each mixer output."""
+    kw = dict(local_mode="window", window_stored="input", window_self=False, refine_steps=c["T"], refine_rate=0.5 if c["T"] < 3 else 0.3,
+              qk_norm=c["qk_norm"], rel_pos=c["rel_pos"], global_memory=c["global_memory"], mixer_output=c["mixer_output"], drop_path=0.0)
+    torch.manual_seed(0)
+    fast = create_model("vhmn_test", **kw).double().train()
+    ref = create_model("vhmn_test", **kw, fast=False).double().train()
+    ref.load_state_dict(fast.state_dict())
+    mixers = [m.stages[0][0].mixer for m in (fast, ref)]
+    assert mixers[0].linear_refinement and not mixers[1].linear_refinement
+    with torch.no_grad():
+        for model in (fast, ref):  # learned biases, gains and temperatures away from their starting values
+            torch.manual_seed(1)
+            for n, p in model.named_parameters():
+                if "rel_pos" in n or "log_inv_temp" in n or n.endswith("o.bias"):
+                    p.normal_(0, 0.5)
+    torch.manual_seed(2)
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 2, 3])
+    out = [model(x, labels=y) for model in (fast, ref)]
+    assert_close(out[0], out[1])
+    for o in out:
+        o.square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, msg=name)
+
+
+def test_linear_refinement_on_a_large_grid_takes_the_unfold_path():
+    """On a grid above DENSE_WINDOW_MAX_TOKENS (24×24 tokens), the fast refinement's window retrievals take the unfold
+    path; it still equals the reference loop."""
+    kw = dict(local_mode="window", window_stored="input", rel_pos=True, qk_norm=True, refine_steps=2, img_size=96, drop_path=0.0)
+    torch.manual_seed(0)
+    fast, ref = create_model("vhmn_test", **kw).double(), create_model("vhmn_test", **kw, fast=False).double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64)
+    fast.eval(), ref.eval()
+    assert_close(fast(x), ref(x))
+
+
+def test_position_embedding_makes_a_bag_of_patches_model_see_where_patches_are():
+    """With a window covering the whole grid (k = 15 on 8×8 tokens), no offset biases and no global memory, the mixer
+    treats the tokens as a set and the head pools them: permuting the image's 4×4 patches leaves the logits as they
+    are. pos_embed adds a learned (1, h·w, d) embedding to the patch tokens, and the same permutation then changes
+    them. Another image size resamples the embedding to its grid (bicubic, as timm)."""
+    kw = dict(local_mode="window", kernel_size=15, global_memory=False, drop_path=0.0)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    patches = x.reshape(2, 3, 8, 4, 8, 4).permute(0, 2, 4, 1, 3, 5).reshape(2, 64, 3, 4, 4)
+    perm = torch.randperm(64)
+    shuffled = patches[:, perm].reshape(2, 8, 8, 3, 4, 4).permute(0, 3, 1, 4, 2, 5).reshape(2, 3, 32, 32)
+    for pos in (False, True):
+        torch.manual_seed(1)
+        m = create_model("vhmn_test", **kw, pos_embed=pos).double().eval()
+        with torch.no_grad():
+            same = torch.allclose(m(x), m(shuffled))
+        assert same != pos
+    assert m.pos_embed.shape == (1, 64, m.cfg.dims[0])
+    with torch.no_grad():
+        assert m(torch.randn(2, 3, 48, 48, dtype=torch.float64)).shape == (2, m.num_classes)  # a 12×12 grid
+    assert "pos_embed" in m.no_weight_decay()
+
+
+def test_position_biases_and_inverse_temperatures_are_not_weight_decayed():
+    """The recipe decays weight matrices only; V-HMN's position embedding and offset biases, its learned inverse
+    temperatures (log β_H), its offset gains and the bank's log-prior are left out (VHMN.no_weight_decay), as timm's
+    ViT leaves out its position embedding; the projections are decayed."""
+    from vhmn.train import param_groups
+
+    m = create_model("vhmn_test", local_mode="hybrid", rel_pos=True, qk_norm=True, offset_gain=True, pos_embed=True)
+    decay, no_decay = (set(map(id, g["params"])) for g in param_groups(m, 0.05))
+    names = {n: id(p) for n, p in m.named_parameters()}
+    for kind in ("pos_embed", "rel_pos", "log_inv_temp", "offset_gain", "bank_bias"):
+        hits = [n for n in names if n.rsplit(".", 1)[-1] == kind]
+        assert hits, kind
+        assert all(names[n] in no_decay for n in hits), kind
+    assert names["stages.0.0.mixer.local.retrieval.q.weight"] in decay
+    assert names["stages.0.0.mlp.fc1.weight"] in decay

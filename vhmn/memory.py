@@ -156,7 +156,10 @@ class HopfieldRetrieval(nn.Module):
 
     def query(self, state: Tensor) -> Tensor:
         """State patterns (..., d) → projected queries (..., d); with qk_norm unit per head and scaled by β_H."""
-        q = self.q(state)
+        return self.scale_query(self.q(state))
+
+    def scale_query(self, q: Tensor) -> Tensor:
+        """Projected state W_q ξ (..., d) → the query: itself, or with qk_norm unit per head times β_H."""
         if not self.qk_norm:
             return q
         return rearrange(self._per_head_unit(q) * self.log_inv_temp.exp(), "... h e -> ... (h e)")

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed
 from torch import Tensor
 
 from .functional import predictive_coding_refine
@@ -83,6 +83,9 @@ class VHMNConfig:
     # ablation: T steps without the input pass-through, as T = 0 has none); 'change': s_T − u, the refinement's total
     # change (it replaces the pass-through (1 − β)^T u by −(1 − (1 − β)^T) u)
     mixer_output: str = "state"
+    # a learned absolute position embedding added to the patch tokens, as the ViT's (resampled for other image
+    # sizes). False: positions enter only through the local path (the depthwise conv of bank mode, rel_pos)
+    pos_embed: bool = False
     # head
     pool: str = "mean"  # 'mean' | 'attn' (attention pooling with a learned query)
     fast: bool = True  # fused attention kernels; False = explicit reference path
@@ -272,13 +275,28 @@ class LocalHopfield(nn.Module):
         """Fast path: every token attends to all L tokens through one fused attention call, with the
         neighbourhood mask: no unfold copies. Equal to :meth:`_window_unfold` up to rounding."""
         r = self.retrieval
-        q, k, v = self._qkv(s, tokens)  # (B, h, L, e) each
+        return r.o(self.window_values(r.query(s), hw, self._kv(s, tokens)))
+
+    def window_values(self, q: Tensor, hw: tuple[int, int], tokens: tuple[Tensor, Tensor], bias: Tensor | None = None) -> Tensor:
+        """The window retrieval before the output projection: queries q (B, L, d) (already scaled, see
+        ``HopfieldRetrieval.scale_query``), the neighbours' keys and values ``tokens`` (B, L, d) each →
+        ``softmax(β_H q Kᵀ + b) V`` (B, L, d), heads concatenated. bias: :meth:`window_bias`, if already built.
+        Dense over the L tokens (masked to the window) on small grids, by unfold on larger ones."""
+        r = self.retrieval
+        if hw[0] * hw[1] > self.DENSE_WINDOW_MAX_TOKENS:
+            B = q.shape[0]
+            qh = rearrange(q, "b l (h e) -> (b l) h 1 e", h=r.heads)
+            mask = self._unfold_bias(hw, q.device, q.dtype).repeat(B, 1, 1, 1)  # (B·L, h, 1, k²)
+            out = F.scaled_dot_product_attention(qh, self._neighbours(tokens[0], hw), self._neighbour_values(tokens[1], hw), attn_mask=mask, scale=r.scale)
+            return rearrange(out, "(b l) h 1 e -> b l (h e)", b=B)
+        q, k, v = (rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (q, *tokens))  # (B, h, L, e) each
         if self.rel_pos is None:  # a boolean mask: the fused attention kernel
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.neighbourhood_mask(hw, s.device), scale=r.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.neighbourhood_mask(hw, q.device), scale=r.scale)
         else:  # a learned float bias: one matrix product and a softmax beat the kernel's float-mask path on CPU
-            logits = r.scale * q @ k.transpose(-1, -2) + self.window_bias(hw, s.device, q.dtype)  # (B, h, L, L)
+            bias = self.window_bias(hw, q.device, q.dtype) if bias is None else bias
+            logits = r.scale * q @ k.transpose(-1, -2) + bias  # (B, h, L, L)
             out = torch.softmax(logits, dim=-1) @ v
-        return r.o(rearrange(out, "b h l e -> b l (h e)"))
+        return rearrange(out, "b h l e -> b l (h e)")
 
     def _neighbours(self, t: Tensor, hw: tuple[int, int]) -> Tensor:
         """(B, L, d) → (B·L, heads, k², e): each token's k×k neighbours (zero-padded outside the grid)."""
@@ -502,6 +520,8 @@ class MemoryMixer(nn.Module):
         on_step = None
         if ctx is not None and ctx.get("record") is not None:
             on_step = self._recorder(ctx["record"], hw, kv_l, kv_g, tokens)
+        elif self.linear_refinement:
+            return self._refine_linear(u, hw, kv_g, tokens)
         s_T = predictive_coding_refine(
             u, lambda s: self.predict(s, hw, kv_l, kv_g, tokens), cfg.refine_rate, cfg.refine_steps, on_step
         )
@@ -509,6 +529,56 @@ class MemoryMixer(nn.Module):
             return s_T - u
         if cfg.mixer_output == "retrieval" and cfg.refine_steps > 0:  # T = 0 returns m(u): no pass-through to remove
             return s_T - (1 - cfg.refine_rate) ** cfg.refine_steps * u
+        return s_T
+
+    @property
+    def linear_refinement(self) -> bool:
+        """Whether the fast path :meth:`_refine_linear` applies: window mode with the block input's neighbours
+        stored (fixed keys and values), no offset gains, global retrievals added to the local ones."""
+        cfg, loc = self.cfg, self.local
+        return (cfg.fast and loc is not None and loc.mode == "window" and loc.window_stored == "input"
+                and loc.offset_gain is None and cfg.global_mod == "add" and cfg.fusion == "sum")
+
+    def _refine_linear(self, u: Tensor, hw: tuple[int, int], kv_g, tokens: tuple[Tensor, Tensor]) -> Tensor:
+        """Fast path of the refinement, equal to the reference loop up to rounding, with fewer projections.
+
+        With the neighbours' keys and values fixed, the state enters a step only through its projection
+        P_t = W_q s_t (the local query before scaling) and its mean μ_t (the scene query), and both are affine
+        in s_t. With r_t = softmax(β_H q_t Kᵀ + b) V (B, L, d), the retrieval before W_o, and γ_t the global
+        retrieval (B, 1, d), the step s_{t+1} = (1 − β) s_t + β (W_o r_t + b_o + γ_t) gives
+
+            P_{t+1} = (1 − β) P_t + β ((W_q W_o) r_t + W_q (b_o + γ_t) + b_q)        one d×d product per step
+            μ_{t+1} = (1 − β) μ_t + β (W_o mean_L(r_t) + b_o + γ_t)                  (B, 1, d): per image
+            s_T     = (1 − β)^T u + W_o Σ_t w_t r_t + Σ_t w_t (b_o + γ_t),   w_t = β (1 − β)^(T−1−t)
+
+        so W_o is applied once (to the weighted sum of the r_t) instead of at every step, and W_q once to u:
+        T + 3 token projections instead of 2T + 2 (T = 2: 5 instead of 6, the ViT's attention has 4).
+        """
+        cfg, loc = self.cfg, self.local
+        r, beta, T = loc.retrieval, cfg.refine_rate, cfg.refine_steps
+        p = r.q(u)  # (B, L, d) P_0 = W_q u + b_q
+        mu = u.mean(1, keepdim=True) if self.glob is not None else None  # (B, 1, d) μ_0
+        bias = loc.window_bias(hw, u.device, u.dtype) if loc.rel_pos is not None and hw[0] * hw[1] <= loc.DENSE_WINDOW_MAX_TOKENS else None
+        W_qo = r.q.weight @ r.o.weight if T > 1 else None  # (d, d)
+        acc_r, acc_c = 0, 0
+        for t in range(max(T, 1)):
+            rt = loc.window_values(r.scale_query(p), hw, tokens, bias)  # (B, L, d)
+            g = self.glob.retrieval(mu, kv_g, fast=self.glob.fast) if mu is not None else None  # (B, 1, d)
+            if T == 0:  # the feed-forward case: m(u)
+                m = r.o(rt) if g is None else r.o(rt) + g
+                return m - u if cfg.mixer_output == "change" else m
+            w = beta * (1 - beta) ** (T - 1 - t)
+            c = r.o.bias if g is None else r.o.bias + g  # (d,) or (B, 1, d): b_o + γ_t
+            acc_r, acc_c = acc_r + w * rt, acc_c + w * c
+            if t < T - 1:
+                p = (1 - beta) * p + beta * (F.linear(rt, W_qo) + r.q(c))
+                if mu is not None:
+                    mu = (1 - beta) * mu + beta * (F.linear(rt.mean(1, keepdim=True), r.o.weight) + c)
+        s_T = (1 - beta) ** T * u + F.linear(acc_r, r.o.weight) + acc_c
+        if cfg.mixer_output == "change":
+            return s_T - u
+        if cfg.mixer_output == "retrieval":
+            return s_T - (1 - beta) ** T * u
         return s_T
 
     def _recorder(self, record: list, hw, kv_l, kv_g, tokens=None):
@@ -576,6 +646,10 @@ class VHMN(nn.Module):
         self.num_classes = cfg.num_classes
         self.num_features = cfg.dims[-1]
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dims[0], cfg.patch_size, stride=cfg.patch_size)
+        self.grid = (cfg.img_size // cfg.patch_size,) * 2
+        if cfg.pos_embed:  # (1, h·w, d), initialised as timm's ViT
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], cfg.dims[0]))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths)).tolist()
         self.stages = nn.ModuleList()
         self.merges = nn.ModuleList()
@@ -631,6 +705,11 @@ class VHMN(nn.Module):
         z = self.patch_embed(x)  # (B, d, H/p, W/p)
         hw = (z.shape[2], z.shape[3])
         z = rearrange(z, "b d h w -> b (h w) d")
+        if self.cfg.pos_embed:
+            pos = self.pos_embed
+            if hw != self.grid:  # another image size: the embedding resampled to its grid (bicubic, as timm)
+                pos = resample_abs_pos_embed(pos, list(hw), list(self.grid), num_prefix_tokens=0)
+            z = z + pos
         for s, blocks in enumerate(self.stages):
             if s > 0:
                 z, hw = self.merges[s - 1](z, hw)
@@ -664,6 +743,14 @@ class VHMN(nn.Module):
             "index": unknown if index is None else index.to(x.device, torch.long),
             "labels": unknown if labels is None else labels.to(x.device, torch.long),
         }
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the recipe does not decay (besides norms and biases, ``ndim ≤ 1``): the position embedding
+        and biases (as timm's ViT and Swin exclude theirs), the learned inverse temperatures (log β_H), the offset
+        gains (start at 1) and the bank's log-prior. Decaying them would pull positions to uniform, β_H to 1
+        and the gains to 0: a regulariser the ViT's position embedding does not get."""
+        names = ("pos_embed", "rel_pos", "log_inv_temp", "offset_gain", "bank_bias")
+        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in names}
 
     # ---- inspection ------------------------------------------------------------------------
     @torch.no_grad()
