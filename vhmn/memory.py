@@ -150,9 +150,11 @@ class HopfieldRetrieval(nn.Module):
         """The factor the fused attention applies to q·k: β_H, or 1 with qk_norm (β_H is then inside :meth:`query`)."""
         return 1.0 if self.qk_norm else self.inv_temp
 
-    def _per_head_unit(self, t: Tensor) -> Tensor:
+    def _per_head_unit(self, t: Tensor, scale: Tensor | float = 1.0) -> Tensor:
+        """(..., d) → (..., h, e): each head's part at length ``scale`` (unit by default). rms_norm is one fused
+        kernel (x / rms(x) has length √e; F.normalize's norm, clamp and division are three passes)."""
         t = rearrange(t, "... (h e) -> ... h e", h=self.heads)
-        return torch.nn.functional.normalize(t, dim=-1)
+        return torch.nn.functional.rms_norm(t, (self.head_dim,), eps=1e-12) * (scale / math.sqrt(self.head_dim))
 
     def query(self, state: Tensor) -> Tensor:
         """State patterns (..., d) → projected queries (..., d); with qk_norm unit per head and scaled by β_H."""
@@ -162,7 +164,7 @@ class HopfieldRetrieval(nn.Module):
         """Projected state W_q ξ (..., d) → the query: itself, or with qk_norm unit per head times β_H."""
         if not self.qk_norm:
             return q
-        return rearrange(self._per_head_unit(q) * self.log_inv_temp.exp(), "... h e -> ... (h e)")
+        return rearrange(self._per_head_unit(q, self.log_inv_temp.exp()), "... h e -> ... (h e)")
 
     def key(self, stored: Tensor) -> Tensor:
         """Stored patterns (..., d) → projected keys (..., d); with qk_norm unit per head."""
