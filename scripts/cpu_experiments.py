@@ -125,6 +125,16 @@ CONTROLS: dict[str, list[str]] = {
 # learned inverse temperatures were taken out of the weight decay (VHMN.no_weight_decay; the ViT's position embedding
 # never was in it): the two differences between the ViT recipe and V-HMN's that are not memory.
 CONTROLS.update({f"{name}_pe": CONTROLS.get(name, CANDIDATES.get(name)) + ["model.pos_embed=true"] for name in ("vhmn_vitlike5", BEST)})
+# From the ViT-like local attention with the position embedding, one memory feature at a time, then both: the
+# refinement (T = 2, the block input's neighbours stored), the episodic scene memory (written after reading, with its
+# labels in the values), and the two together: the plainest V-HMN of the stated facts (local and global Hopfield
+# retrieval, refined by predictive coding), with dot-product retrieval and the token in its own window.
+VITLIKE5 = ["model.local_mode=window", "model.rel_pos=true", "model.kernel_size=5", "model.pos_embed=true"]
+CONTROLS.update({
+    "vhmn_vitlike5_pe_T2": VITLIKE5 + ["model.global_memory=false", "model.window_stored=input"],
+    "vhmn_vitlike5_pe_scene": VITLIKE5 + ["model.refine_steps=0"] + EPISODIC,
+    "vhmn_window5rpin_wrlv_pe": VITLIKE5 + ["model.window_stored=input"] + EPISODIC,
+})
 CANDIDATES.update(CONTROLS)
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
@@ -141,7 +151,8 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             # the noise band of the best fast candidate and the ViT, and the candidate's controls
             vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn("vhmn_hybrid5ctx_qkn_wrlv", 0),
             vhmn(f"{BEST}_T0", 0), vit_seed(2),
-            vhmn("vhmn_vitlike5", 0), vhmn("vhmn_vitlike5_pe", 0), vhmn(f"{BEST}_pe", 0), vhmn("vhmn_vitlike15", 0),
+            vhmn("vhmn_vitlike5", 0), vhmn("vhmn_vitlike5_pe", 0), vhmn(f"{BEST}_pe", 0), vhmn("vhmn_vitlike5_pe_T2", 0),
+            vhmn("vhmn_vitlike5_pe_scene", 0), vhmn("vhmn_window5rpin_wrlv_pe", 0), vhmn("vhmn_vitlike15", 0),
             vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
