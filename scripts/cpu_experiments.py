@@ -151,7 +151,7 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             # the noise band of the best fast candidate and the ViT, and the candidate's controls
             vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn("vhmn_hybrid5ctx_qkn_wrlv", 0),
             vhmn(f"{BEST}_T0", 0), vit_seed(2),
-            vhmn("vhmn_vitlike5", 0), vhmn("vhmn_vitlike5_pe", 0), vhmn(f"{BEST}_pe", 0), vhmn("vhmn_vitlike5_pe_T2", 0),
+            vhmn("vhmn_vitlike5", 0), vhmn("vhmn_vitlike5_pe", 0), vhmn(f"{BEST}_pe", 0), vhmn("vhmn_vitlike5_pe_T2", 0), vhmn(f"{BEST}_pe", 1),
             vhmn("vhmn_vitlike5_pe_scene", 0), vhmn("vhmn_window5rpin_wrlv_pe", 0), vhmn("vhmn_vitlike15", 0),
             vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
