@@ -136,6 +136,9 @@ CONTROLS.update({
     "vhmn_window5rpin_wrlv_pe": VITLIKE5 + ["model.window_stored=input"] + EPISODIC,
 })
 CANDIDATES.update(CONTROLS)
+# The candidate the GPU script trains at the paper-scale width and recipe (scripts/gpu_reproduce.py, call 2): the
+# converged protocol's best V-HMN so far (ch9, "Where the gap comes from").
+CHOSEN = f"{BEST}_pe"
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
 

@@ -68,11 +68,11 @@ class Stage:
 
 
 def _best_candidate() -> tuple[str, list[str]]:
-    """The converged CPU protocol's best fast memory mixer (scripts/cpu_experiments.py BEST): name, model overrides."""
+    """The converged CPU protocol's chosen candidate (scripts/cpu_experiments.py CHOSEN): name, model overrides."""
     spec = importlib.util.spec_from_file_location("cpu_experiments", Path(__file__).resolve().parent / "cpu_experiments.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.BEST, mod.CANDIDATES[mod.BEST]
+    return mod.CHOSEN, mod.CANDIDATES[mod.CHOSEN]
 
 
 BEST, BEST_OVERRIDES = _best_candidate()
@@ -82,7 +82,7 @@ STAGES = [
     Stage("frac10", "10% CIFAR-10, seed 0: V-HMN and ViT (200 epochs)", "frac10",
           [Run("vhmn_frac10_s0", "cifar10_frac10_vhmn", FRAC10, True), Run("vit_frac10_s0", "cifar10_frac10_vit", FRAC10, True)]),
     # the converged CPU protocol's best fast candidate at the paper-scale width and recipe: does it beat the ViT there?
-    Stage("frac10_candidate", f"10% CIFAR-10, seed 0: V-HMN with the CPU protocol's best fast mixer ({BEST})", "frac10",
+    Stage("frac10_candidate", f"10% CIFAR-10, seed 0: V-HMN with the CPU protocol's chosen candidate ({BEST})", "frac10",
           [Run(f"{BEST}_frac10_s0", "cifar10_frac10_vhmn", BEST_OVERRIDES, True)]),
     Stage("frac10_baselines", "10% CIFAR-10, seed 0: MLP-Mixer and ConvMixer", "frac10",
           [Run(f"{m}_frac10_s0", f"cifar10_{m}", ["subset=cifar10_frac10", "epochs=200", "warmup_epochs=10"]) for m in ("mixer", "convmixer")]),

@@ -3,8 +3,8 @@ of the host, and later under CUDA graphs).
 
 ``torch.cuda.set_sync_debug_mode("error")`` makes every operation that would synchronise the host with the device
 raise. Under it, a full training step — forward in training mode (the banks are written), loss, backward, gradient
-clipping, the fused AdamW step — runs for the default model and for the converged CPU protocol's best candidate
-(window mode with the input neighbours, cosine retrieval, write-after-read, label values), with every bank write
+clipping, the fused AdamW step — runs for the default model and for the converged CPU protocol's chosen candidate
+(window mode with the input neighbours, cosine retrieval, write-after-read, label values, a position embedding), with every bank write
 checked to have happened. Skipped where there is no GPU (here and in CI); ``scripts/gpu_reproduce.py`` runs it in
 its first device call.
 """
@@ -24,11 +24,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def best_candidate() -> dict:
-    """The model fields of scripts/cpu_experiments.py's BEST candidate (one definition, read from the script)."""
+    """The model fields of scripts/cpu_experiments.py's CHOSEN candidate (one definition, read from the script)."""
     spec = importlib.util.spec_from_file_location("cpu_experiments", REPO / "scripts" / "cpu_experiments.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return {k.removeprefix("model."): v for k, v in map(parse_override, mod.CANDIDATES[mod.BEST])}
+    return {k.removeprefix("model."): v for k, v in map(parse_override, mod.CANDIDATES[mod.CHOSEN])}
 
 
 BEST = best_candidate()
