@@ -138,7 +138,7 @@ CONTROLS.update({
 CANDIDATES.update(CONTROLS)
 # The candidate the GPU script trains at the paper-scale width and recipe (scripts/gpu_reproduce.py, call 2): the
 # converged protocol's best V-HMN so far (ch9, "Where the gap comes from").
-CHOSEN = f"{BEST}_pe"
+CHOSEN = "vhmn_window5rpin_wrlv_pe"
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
 
@@ -155,7 +155,7 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             vit_seed(1), vhmn(BEST, 1), vhmn("vhmn_window15ctx_qkn_wrlv", 0), vhmn("vhmn_hybrid5ctx_qkn_wrlv", 0),
             vhmn(f"{BEST}_T0", 0), vit_seed(2),
             vhmn("vhmn_vitlike5", 0), vhmn("vhmn_vitlike5_pe", 0), vhmn(f"{BEST}_pe", 0), vhmn("vhmn_vitlike5_pe_T2", 0), vhmn(f"{BEST}_pe", 1),
-            vhmn("vhmn_vitlike5_pe_scene", 0), vhmn("vhmn_window5rpin_wrlv_pe", 0), vhmn("vhmn_vitlike15", 0),
+            vhmn("vhmn_vitlike5_pe_scene", 0), vhmn("vhmn_window5rpin_wrlv_pe", 0), vhmn("vhmn_window5rpin_wrlv_pe", 1), vhmn("vhmn_vitlike15", 0),
             vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
