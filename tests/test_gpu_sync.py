@@ -4,7 +4,7 @@ of the host, and later under CUDA graphs).
 ``torch.cuda.set_sync_debug_mode("error")`` makes every operation that would synchronise the host with the device
 raise. Under it, a full training step — forward in training mode (the banks are written), loss, backward, gradient
 clipping, the fused AdamW step — runs for the default model and for the converged CPU protocol's chosen candidate
-(window mode with the input neighbours, cosine retrieval, write-after-read, label values, a position embedding), with every bank write
+(window mode with the input neighbours stored, write-after-read, label values, a position embedding), with every bank write
 checked to have happened. Skipped where there is no GPU (here and in CI); ``scripts/gpu_reproduce.py`` runs it in
 its first device call.
 """
