@@ -284,11 +284,7 @@ class LocalHopfield(nn.Module):
         Dense over the L tokens (masked to the window) on small grids, by unfold on larger ones."""
         r = self.retrieval
         if hw[0] * hw[1] > self.DENSE_WINDOW_MAX_TOKENS:
-            B = q.shape[0]
-            qh = rearrange(q, "b l (h e) -> (b l) h 1 e", h=r.heads)
-            mask = self._unfold_bias(hw, q.device, q.dtype).repeat(B, 1, 1, 1)  # (B·L, h, 1, k²)
-            out = F.scaled_dot_product_attention(qh, self._neighbours(tokens[0], hw), self._neighbour_values(tokens[1], hw), attn_mask=mask, scale=r.scale)
-            return rearrange(out, "(b l) h 1 e -> b l (h e)", b=B)
+            return self._unfold_values(q, hw, tokens)
         q, k, v = (rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (q, *tokens))  # (B, h, L, e) each
         if self.rel_pos is None:  # a boolean mask: the fused attention kernel
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.neighbourhood_mask(hw, q.device), scale=r.scale)
@@ -362,12 +358,17 @@ class LocalHopfield(nn.Module):
     def _window_unfold(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
         """Reference path: gather each token's k×k neighbours (unfold, zero-padded) and attend to the
         ones inside the grid."""
-        r, B = self.retrieval, s.shape[0]
-        q = rearrange(r.query(s), "b l (h e) -> (b l) h 1 e", h=r.heads)
-        mask = self._unfold_bias(hw, s.device, q.dtype).repeat(B, 1, 1, 1)  # (B·L, h, 1, k²)
-        k, v = self._kv(s, tokens)
-        out = F.scaled_dot_product_attention(q, self._neighbours(k, hw), self._neighbour_values(v, hw), attn_mask=mask, scale=r.scale)
-        return r.o(rearrange(out, "(b l) h 1 e -> b l (h e)", b=B))
+        r = self.retrieval
+        return r.o(self._unfold_values(r.query(s), hw, self._kv(s, tokens)))
+
+    def _unfold_values(self, q: Tensor, hw: tuple[int, int], tokens: tuple[Tensor, Tensor]) -> Tensor:
+        """:meth:`window_values` by unfold: queries q (B, L, d), the neighbours' keys and values (B, L, d) each →
+        (B, L, d), before the output projection."""
+        r, B = self.retrieval, q.shape[0]
+        qh = rearrange(q, "b l (h e) -> (b l) h 1 e", h=r.heads)
+        mask = self._unfold_bias(hw, q.device, q.dtype).repeat(B, 1, 1, 1)  # (B·L, h, 1, k²)
+        out = F.scaled_dot_product_attention(qh, self._neighbours(tokens[0], hw), self._neighbour_values(tokens[1], hw), attn_mask=mask, scale=r.scale)
+        return rearrange(out, "(b l) h 1 e -> b l (h e)", b=B)
 
     def _hybrid_dense(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> Tensor:
         """Fast path of 'hybrid': one fused attention over [all L tokens (neighbourhood-masked); the N bank slots]."""
@@ -525,6 +526,11 @@ class MemoryMixer(nn.Module):
         s_T = predictive_coding_refine(
             u, lambda s: self.predict(s, hw, kv_l, kv_g, tokens), cfg.refine_rate, cfg.refine_steps, on_step
         )
+        return self._output(s_T, u)
+
+    def _output(self, s_T: Tensor, u: Tensor) -> Tensor:
+        """What the mixer adds to the residual stream (``mixer_output``), from the refined state s_T (m(u) for T = 0)."""
+        cfg = self.cfg
         if cfg.mixer_output == "change":
             return s_T - u
         if cfg.mixer_output == "retrieval" and cfg.refine_steps > 0:  # T = 0 returns m(u): no pass-through to remove
@@ -565,8 +571,7 @@ class MemoryMixer(nn.Module):
             rt = loc.window_values(r.scale_query(p), hw, tokens, bias)  # (B, L, d)
             g = self.glob.retrieval(mu, kv_g, fast=self.glob.fast) if mu is not None else None  # (B, 1, d)
             if T == 0:  # the feed-forward case: m(u)
-                m = r.o(rt) if g is None else r.o(rt) + g
-                return m - u if cfg.mixer_output == "change" else m
+                return self._output(r.o(rt) if g is None else r.o(rt) + g, u)
             w = beta * (1 - beta) ** (T - 1 - t)
             c = r.o.bias if g is None else r.o.bias + g  # (d,) or (B, 1, d): b_o + γ_t
             acc_r, acc_c = acc_r + w * rt, acc_c + w * c
@@ -574,12 +579,7 @@ class MemoryMixer(nn.Module):
                 p = (1 - beta) * p + beta * (F.linear(rt, W_qo) + r.q(c))
                 if mu is not None:
                     mu = (1 - beta) * mu + beta * (F.linear(rt.mean(1, keepdim=True), r.o.weight) + c)
-        s_T = (1 - beta) ** T * u + F.linear(acc_r, r.o.weight) + acc_c
-        if cfg.mixer_output == "change":
-            return s_T - u
-        if cfg.mixer_output == "retrieval":
-            return s_T - (1 - beta) ** T * u
-        return s_T
+        return self._output((1 - beta) ** T * u + F.linear(acc_r, r.o.weight) + acc_c, u)
 
     def _recorder(self, record: list, hw, kv_l, kv_g, tokens=None):
         """Inspection: per refinement step, the associations and the prediction error."""
