@@ -139,6 +139,16 @@ CANDIDATES.update(CONTROLS)
 # The candidate the GPU script trains at the paper-scale width and recipe (scripts/gpu_reproduce.py, call 2): the
 # converged protocol's best V-HMN so far (ch9, "Where the gap comes from").
 CHOSEN = "vhmn_window5rpin_wrlv_pe"
+# Its next steps, toward the locality prior a CNN has: a more local window (k = 3: 9 of the 64 tokens instead of
+# 25, and cheaper); each neighbour's value read through a learned gain per offset and channel (offset_gain: with a
+# uniform association the local retrieval is a depthwise k×k convolution, the ConvMixer's spatial mixing).
+CANDIDATES.update({
+    f"{CHOSEN}_k3": [o.replace("kernel_size=5", "kernel_size=3") for o in CANDIDATES[CHOSEN]],
+    f"{CHOSEN}_gain": CANDIDATES[CHOSEN] + ["model.offset_gain=true"],
+    # the stored patterns are the neighbours' 5×5 descriptors (decision 2's local descriptor, a depthwise conv of the
+    # block input, the identity at first), not the tokens themselves: the query stays the token's state
+    f"{CHOSEN}_desc": CANDIDATES[CHOSEN] + ["model.window_descriptor=true"],
+})
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
 
@@ -148,6 +158,8 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
     vhmn = lambda name, seed: (f"{name}_s{seed}", "cifar10_frac10_cpulong_vhmn", seed, CANDIDATES[name])  # noqa: E731
     vit = {e: (f"vit_e{e}_s0", "cifar10_frac10_cpulong_vit", 0, ov) for e, ov in VIT_BUDGETS.items()}
     vit_seed = lambda seed: (f"vit_s{seed}", "cifar10_frac10_cpulong_vit", seed, [])  # noqa: E731
+    # the 10% table's other two yardsticks, at the V-HMN candidates' parameter count (0.27–0.28 M)
+    base = lambda m, seed: (f"{m}_s{seed}", f"cifar10_frac10_cpulong_{m}", seed, [])  # noqa: E731
     vit_lr = {lr: (f"vit_lr{lr}_s0", "cifar10_frac10_cpulong_vit", 0, [f"lr={lr}"]) for lr in ("5e-4", "2e-3")}  # the recipe's lr, for the ViT
     return [vit_seed(0), vhmn("vhmn_windowrp", 0), vhmn("vhmn", 0), vhmn("vhmn_windowctx_qkn_wrlv", 0),
             vhmn("vhmn_windowctxg_qkn_wrlv", 0), vhmn(BEST, 0), vit[50], vit[200], vit_lr["2e-3"],
@@ -156,7 +168,10 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             vhmn(f"{BEST}_T0", 0), vit_seed(2),
             vhmn("vhmn_vitlike5", 0), vhmn("vhmn_vitlike5_pe", 0), vhmn(f"{BEST}_pe", 0), vhmn("vhmn_vitlike5_pe_T2", 0), vhmn(f"{BEST}_pe", 1),
             vhmn("vhmn_vitlike5_pe_scene", 0), vhmn("vhmn_window5rpin_wrlv_pe", 0), vhmn("vhmn_window5rpin_wrlv_pe", 1), vhmn("vhmn_vitlike15", 0),
+            vhmn(CHOSEN, 2), vhmn(f"{CHOSEN}_gain", 0), vhmn(f"{CHOSEN}_desc", 0), vhmn(f"{CHOSEN}_k3", 0),
+            base("convmixer", 0), base("mixer", 0),
             vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
+            base("convmixer", 1), base("mixer", 1), base("convmixer", 2), base("mixer", 2),
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
 

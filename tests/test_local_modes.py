@@ -35,6 +35,9 @@ def randomise(local):
             local.memory.bank[:] = torch.randn_like(local.memory.bank)
         if local.offset_gain is not None:
             local.offset_gain.normal_()
+        if local.window_descriptor:
+            local.neigh.weight.normal_(0, 0.3)
+            local.neigh.bias.normal_()
 
 
 def brute_force(local, s, hw):
@@ -42,7 +45,8 @@ def brute_force(local, s, hw):
     r, (H, W), k = local.retrieval, hw, local.k
     B, L, d = s.shape
     e, rad = r.head_dim, k // 2
-    q, kk, vv = r.query(s), r.key(s), r.v(s)
+    stored = local.descriptor(s, hw) if local.window_descriptor else s  # the neighbours' stored patterns
+    q, kk, vv = r.query(s), r.key(stored), r.v(stored)
     hybrid = local.mode == "hybrid"
     if hybrid:
         kb, vb = (t[0] for t in local.project_memory())  # (h, N, e)
@@ -73,7 +77,8 @@ def brute_force(local, s, hw):
 CASES = [dict(local_mode="window", rel_pos=True), dict(local_mode="hybrid"), dict(local_mode="hybrid", rel_pos=True),
          dict(local_mode="window", qk_norm=True), dict(local_mode="hybrid", rel_pos=True, qk_norm=True),
          dict(local_mode="window", rel_pos=True, window_self=False), dict(local_mode="hybrid", window_self=False),
-         dict(local_mode="window", rel_pos=True, offset_gain=True), dict(local_mode="hybrid", offset_gain=True)]
+         dict(local_mode="window", rel_pos=True, offset_gain=True), dict(local_mode="hybrid", offset_gain=True),
+         dict(local_mode="window", rel_pos=True, window_descriptor=True), dict(local_mode="hybrid", window_descriptor=True)]
 
 
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
@@ -87,7 +92,7 @@ def test_fast_and_reference_paths_equal_the_brute_force(kw, k, hw):
     ref_path = local._window_unfold if kw["local_mode"] == "window" else (lambda s, hw: local._hybrid_reference(s, hw, kv))
     outs = [local(s, hw, kv), ref_path(s, hw), brute_force(local, s, hw)]
     params = [s] + [p for p in (local.rel_pos, getattr(local, "bank_bias", None), getattr(local.retrieval, "log_inv_temp", None),
-                                local.offset_gain) if p is not None]
+                                local.offset_gain, getattr(local, "neigh", None) and local.neigh.weight) if p is not None]
     grads = [torch.autograd.grad(o.square().sum(), params) for o in outs]
     for o, g in zip(outs[1:], grads[1:]):
         assert_close(outs[0], o, atol=1e-12, rtol=1e-10)
@@ -289,7 +294,9 @@ def test_window_self_false_predicts_a_token_from_its_context_alone():
     dict(local_mode="window", rel_pos=True, window_stored="input", window_self=False, qk_norm=True,
          write_after_read=True, global_label_values=True),
     dict(local_mode="hybrid", rel_pos=True, window_stored="input", write_after_read=True),
-], ids=["window-candidate", "hybrid-candidate"])
+    dict(local_mode="window", rel_pos=True, kernel_size=5, pos_embed=True, window_stored="input", write_after_read=True,
+         global_label_values=True, window_descriptor=True),
+], ids=["window-candidate", "hybrid-candidate", "chosen-descriptor"])
 def test_candidates_compile_without_graph_breaks(kw):
     """``fullgraph=True`` raises on any graph break (the mask cache, the writes after the read, the label values)."""
     import copy
@@ -360,6 +367,7 @@ def test_offset_gain_with_a_uniform_association_is_a_depthwise_convolution():
 LINEAR_CASES = [dict(T=T, qk_norm=qk, rel_pos=rp, global_memory=g, mixer_output=out)
                 for T in (0, 1, 2, 3) for qk in (False, True) for rp in (False, True) for g in (False, True)
                 for out in ("state", "retrieval", "change") if not (out != "state" and (qk or rp))]
+LINEAR_CASES += [dict(T=T, qk_norm=False, rel_pos=True, global_memory=True, mixer_output="state", window_descriptor=True) for T in (0, 1, 2)]
 
 
 @pytest.mark.parametrize("c", LINEAR_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -368,7 +376,8 @@ def test_linear_refinement_equals_the_reference_loop(c):
     weighted sum of the retrievals) equals the reference loop of predictive_coding_refine, in the output and
     in every gradient, with and without cosine retrieval, offset biases, global memory and for each mixer output."""
     kw = dict(local_mode="window", window_stored="input", window_self=False, refine_steps=c["T"], refine_rate=0.5 if c["T"] < 3 else 0.3,
-              qk_norm=c["qk_norm"], rel_pos=c["rel_pos"], global_memory=c["global_memory"], mixer_output=c["mixer_output"], drop_path=0.0)
+              qk_norm=c["qk_norm"], rel_pos=c["rel_pos"], global_memory=c["global_memory"], mixer_output=c["mixer_output"], drop_path=0.0,
+              window_descriptor=c.get("window_descriptor", False))
     torch.manual_seed(0)
     fast = create_model("vhmn_test", **kw).double().train()
     ref = create_model("vhmn_test", **kw, fast=False).double().train()
@@ -379,7 +388,7 @@ def test_linear_refinement_equals_the_reference_loop(c):
         for model in (fast, ref):  # learned biases, gains and temperatures away from their starting values
             torch.manual_seed(1)
             for n, p in model.named_parameters():
-                if "rel_pos" in n or "log_inv_temp" in n or n.endswith("o.bias"):
+                if "rel_pos" in n or "log_inv_temp" in n or n.endswith("o.bias") or "neigh" in n:
                     p.normal_(0, 0.5)
     torch.manual_seed(2)
     x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 2, 3])
@@ -443,3 +452,31 @@ def test_position_biases_and_inverse_temperatures_are_not_weight_decayed():
         assert all(names[n] in no_decay for n in hits), kind
     assert names["stages.0.0.mixer.local.retrieval.q.weight"] in decay
     assert names["stages.0.0.mlp.fc1.weight"] in decay
+
+
+def test_window_descriptor_starts_as_the_plain_window_and_widens_what_a_token_reads():
+    """window_descriptor: the neighbours' keys and values come from their k×k descriptors (a depthwise conv of the
+    stored tokens), initialised to the identity, so a new model retrieves exactly as the plain window does. Once the
+    conv is learned, a token's retrieval reads tokens up to 2·(k // 2) away (a neighbour's own neighbours), and none
+    further; the plain window reads k // 2 away."""
+    plain, desc = local_of(local_mode="window", rel_pos=True), local_of(local_mode="window", rel_pos=True, window_descriptor=True)
+    desc.load_state_dict(plain.state_dict(), strict=False)
+    s = torch.randn(1, 49, 32, dtype=torch.float64)
+    hw = (7, 7)
+    assert_close(desc(s, hw, None), plain(s, hw, None))  # identity at initialisation
+    with torch.no_grad():
+        desc.neigh.weight.normal_()
+    centre = 3 * 7 + 3
+
+    def reads(local, dist):  # does the centre token's retrieval change when a token `dist` columns away does?
+        t = s.clone()
+        t[0, 3 * 7 + 3 + dist] += 1.0
+        return not torch.allclose(local(t, hw, None)[0, centre], local(s, hw, None)[0, centre])
+
+    assert [reads(plain, d) for d in (1, 2)] == [True, False]
+    assert [reads(desc, d) for d in (1, 2, 3)] == [True, True, False]
+
+
+def test_config_rejects_window_descriptor_in_bank_mode():
+    with pytest.raises(ValueError, match="window_descriptor"):
+        create_model("vhmn_test", local_mode="bank", window_descriptor=True)

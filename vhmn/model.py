@@ -63,6 +63,10 @@ class VHMNConfig:
     # window/hybrid: each neighbour's value is read through a learned gain per head, offset and channel, so that the
     # retrieval weighs a neighbour's channels by where it sits (with a uniform association: a depthwise k×k conv)
     offset_gain: bool = False
+    # window/hybrid: the stored patterns (the neighbours' keys and values) are their k×k descriptors, a depthwise k×k
+    # conv of the stored tokens (bank mode's descriptor; the identity at initialisation), not the tokens themselves.
+    # The query stays the token's state
+    window_descriptor: bool = False
     local_slots: int = 512
     global_slots: int = 256
     local_writes: int = 64  # features each local bank writes per training step
@@ -117,6 +121,8 @@ class VHMNConfig:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
         if self.global_label_values and (self.memory != "episodic" or not self.global_memory):
             raise ValueError("global_label_values reads the labels stored with episodic slots: needs memory='episodic' and global_memory")
+        if self.window_descriptor and self.local_mode == "bank":
+            raise ValueError("window_descriptor makes the k×k neighbours of local_mode 'window' or 'hybrid' descriptors; bank mode has none")
         if self.rel_pos and self.local_mode == "bank":
             raise ValueError("rel_pos biases the k×k neighbours of local_mode 'window' or 'hybrid'; bank mode has none")
         if self.refine_steps < 0 or not 0 < self.refine_rate <= 1:
@@ -158,6 +164,8 @@ class LocalHopfield(nn.Module):
               computes it; with a uniform association the retrieval is then a depthwise k×k convolution).
     window_self=False: a token's own state is left out of its window (for 'window' and 'hybrid'): the prediction
               comes from the context alone.
+    window_descriptor: the neighbours' keys and values are projected from their k×k descriptors (the depthwise conv
+              of 'bank', initialised to the identity) instead of from the tokens themselves.
     window_stored='input': the neighbours' keys and values are projected once per block from its input u and
               stay fixed through the refinement steps; only the state (the query) moves. 'state': they are
               re-projected from the current state at every step.
@@ -176,8 +184,12 @@ class LocalHopfield(nn.Module):
             raise ValueError("window_self=False with kernel_size=1 leaves no neighbour to retrieve from")
         self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp, qk_norm=cfg.qk_norm)
         heads = self.retrieval.heads
-        if self.mode == "bank":
+        self.window_descriptor = cfg.window_descriptor and self.mode != "bank"
+        if self.mode == "bank" or self.window_descriptor:
             self.neigh = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        if self.window_descriptor:  # the identity: at initialisation the stored patterns are the tokens themselves
+            nn.init.dirac_(self.neigh.weight, groups=dim)
+            nn.init.zeros_(self.neigh.bias)
         if self.mode in ("bank", "hybrid"):
             self.memory = make_memory(cfg.memory, cfg.local_slots, dim)
             self.writes = cfg.local_writes
@@ -203,12 +215,13 @@ class LocalHopfield(nn.Module):
         x = self.memory.patterns()
         return self.retrieval.project_memory(x.clone() if snapshot else x)
 
-    def stored_tokens(self, u: Tensor) -> tuple[Tensor, Tensor] | None:
-        """window_stored='input': keys and values (B, L, d) of the block input's tokens, projected once per block
-        forward and shared by the refinement steps. None otherwise (bank mode, or window_stored='state')."""
+    def stored_tokens(self, u: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
+        """window_stored='input': keys and values (B, L, d) of the block input's tokens (or of their descriptors,
+        window_descriptor), projected once per block forward and shared by the refinement steps. None otherwise
+        (bank mode, or window_stored='state')."""
         if self.mode == "bank" or self.window_stored == "state":
             return None
-        return self.retrieval.key(u), self.retrieval.v(u)
+        return self._kv(u, hw)
 
     def forward(self, s: Tensor, hw: tuple[int, int], kv, tokens: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """s (B, L, d) → retrieval (B, L, d). kv: the bank's projected keys/values (bank, hybrid); tokens: the
@@ -263,19 +276,23 @@ class LocalHopfield(nn.Module):
         bias = self.rel_pos[:, index] if self.rel_pos is not None else torch.zeros(heads, *index.shape, device=device)
         return bias.to(dtype).masked_fill(~inside, float("-inf"))
 
-    def _kv(self, s: Tensor, tokens) -> tuple[Tensor, Tensor]:
-        """The neighbours' keys and values (B, L, d): given (window_stored='input') or projected from the state s."""
-        return tokens if tokens is not None else (self.retrieval.key(s), self.retrieval.v(s))
+    def _kv(self, s: Tensor, hw: tuple[int, int], tokens=None) -> tuple[Tensor, Tensor]:
+        """The neighbours' keys and values (B, L, d): given (window_stored='input') or projected from the state s
+        (from its k×k descriptors with window_descriptor)."""
+        if tokens is not None:
+            return tokens
+        x = self.descriptor(s, hw) if self.window_descriptor else s
+        return self.retrieval.key(x), self.retrieval.v(x)
 
-    def _qkv(self, s: Tensor, tokens=None) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, s: Tensor, hw: tuple[int, int], tokens=None) -> tuple[Tensor, Tensor, Tensor]:
         r = self.retrieval
-        return tuple(rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (r.query(s), *self._kv(s, tokens)))
+        return tuple(rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (r.query(s), *self._kv(s, hw, tokens)))
 
     def _window_dense(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
         """Fast path: every token attends to all L tokens through one fused attention call, with the
         neighbourhood mask: no unfold copies. Equal to :meth:`_window_unfold` up to rounding."""
         r = self.retrieval
-        return r.o(self.window_values(r.query(s), hw, self._kv(s, tokens)))
+        return r.o(self.window_values(r.query(s), hw, self._kv(s, hw, tokens)))
 
     def window_values(self, q: Tensor, hw: tuple[int, int], tokens: tuple[Tensor, Tensor], bias: Tensor | None = None) -> Tensor:
         """The window retrieval before the output projection: queries q (B, L, d) (already scaled, see
@@ -323,7 +340,7 @@ class LocalHopfield(nn.Module):
         one matrix product; then, per offset, its weight times the gained value grid shifted by that offset (k²
         shifts, no gathered copies). Equal to :meth:`_window_unfold` up to rounding."""
         r = self.retrieval
-        q, k, v = self._qkv(s, tokens)  # (B, h, L, e)
+        q, k, v = self._qkv(s, hw, tokens)  # (B, h, L, e)
         logits = r.scale * q @ k.transpose(-1, -2) + self.window_bias(hw, s.device, q.dtype)  # (B, h, L, L)
         p = torch.softmax(logits, dim=-1)
         index, ok = self._neighbour_index(hw, s.device)  # (L, k²)
@@ -359,7 +376,7 @@ class LocalHopfield(nn.Module):
         """Reference path: gather each token's k×k neighbours (unfold, zero-padded) and attend to the
         ones inside the grid."""
         r = self.retrieval
-        return r.o(self._unfold_values(r.query(s), hw, self._kv(s, tokens)))
+        return r.o(self._unfold_values(r.query(s), hw, self._kv(s, hw, tokens)))
 
     def _unfold_values(self, q: Tensor, hw: tuple[int, int], tokens: tuple[Tensor, Tensor]) -> Tensor:
         """:meth:`window_values` by unfold: queries q (B, L, d), the neighbours' keys and values (B, L, d) each →
@@ -373,7 +390,7 @@ class LocalHopfield(nn.Module):
     def _hybrid_dense(self, s: Tensor, hw: tuple[int, int], kv, tokens=None) -> Tensor:
         """Fast path of 'hybrid': one fused attention over [all L tokens (neighbourhood-masked); the N bank slots]."""
         r, B = self.retrieval, s.shape[0]
-        q, k, v = self._qkv(s, tokens)  # (B, h, L, e)
+        q, k, v = self._qkv(s, hw, tokens)  # (B, h, L, e)
         kb, vb = kv  # (1, h, N, e)
         N = kb.shape[2]
         keys = torch.cat([k, kb.expand(B, -1, -1, -1)], dim=2)  # (B, h, L+N, e)
@@ -391,7 +408,7 @@ class LocalHopfield(nn.Module):
         (B·L, h, N), biases included (−inf for neighbours outside the grid)."""
         r, B = self.retrieval, s.shape[0]
         q = rearrange(r.query(s), "b l (h e) -> (b l) h e", h=r.heads)
-        logits_n = r.scale * torch.einsum("qhe,qhke->qhk", q, self._neighbours(self._kv(s, tokens)[0], hw))
+        logits_n = r.scale * torch.einsum("qhe,qhke->qhk", q, self._neighbours(self._kv(s, hw, tokens)[0], hw))
         logits_n = logits_n + self._unfold_bias(hw, s.device, q.dtype)[:, :, 0, :].repeat(B, 1, 1)
         logits_b = r.scale * torch.einsum("qhe,hne->qhn", q, kv[0][0]) + self._bank_bias(q.dtype)[:, 0, :]
         return logits_n, logits_b
@@ -402,7 +419,7 @@ class LocalHopfield(nn.Module):
         logits_n, logits_b = self.hybrid_logits(s, hw, kv, tokens)
         p = torch.softmax(torch.cat([logits_n, logits_b], dim=-1), dim=-1)  # (B·L, h, k² + N)
         kk = self.k**2
-        out = torch.einsum("qhk,qhke->qhe", p[..., :kk], self._neighbour_values(self._kv(s, tokens)[1], hw))
+        out = torch.einsum("qhk,qhke->qhe", p[..., :kk], self._neighbour_values(self._kv(s, hw, tokens)[1], hw))
         out = out + torch.einsum("qhn,hne->qhe", p[..., kk:], kv[1][0])
         return r.o(rearrange(out, "(b l) h e -> b l (h e)", b=B))
 
@@ -517,7 +534,7 @@ class MemoryMixer(nn.Module):
         cfg = self.cfg
         kv_l = self.local.project_memory(snapshot) if self.local is not None else None
         kv_g = self.glob.project_memory(snapshot) if self.glob is not None else None
-        tokens = self.local.stored_tokens(u) if self.local is not None else None  # fixed neighbours (window_stored='input')
+        tokens = self.local.stored_tokens(u, hw) if self.local is not None else None  # fixed neighbours (window_stored='input')
         on_step = None
         if ctx is not None and ctx.get("record") is not None:
             on_step = self._recorder(ctx["record"], hw, kv_l, kv_g, tokens)
