@@ -194,9 +194,9 @@ def finish(row: dict) -> dict:
 SWEEPS = ("memory_slots", "refine_steps", "local_mode", "image_size", "candidates")
 
 
-def long_protocol_candidates() -> dict:
+def long_protocol_candidates(only: list[str] | None = None) -> dict:
     """The memory-mixer candidates of the converged CPU protocol (scripts/cpu_experiments.py CANDIDATES, width 64)
-    and its ViT, as model builders: one definition of each candidate, read from the script."""
+    and its ViT, as model builders: one definition of each candidate, read from the script. only: these names."""
     import importlib.util
 
     from vhmn.experiments import load_experiment
@@ -208,7 +208,12 @@ def long_protocol_candidates() -> dict:
     vhmn_kw = load_experiment("cifar10_frac10_cpulong_vhmn")["model_kwargs"]
     vit_kw = load_experiment("cifar10_frac10_cpulong_vit")["model_kwargs"]
     out = {"vit (width 64)": lambda: create_model("vit_tiny_cifar", **vit_kw)}
+    unknown = set(only or ()) - set(mod.CANDIDATES)
+    if unknown:
+        raise SystemExit(f"--candidates: {sorted(unknown)} are not in scripts/cpu_experiments.py CANDIDATES; known: {', '.join(mod.CANDIDATES)}")
     for name, overrides in mod.CANDIDATES.items():
+        if only and name not in only:
+            continue
         kw = dict(vhmn_kw)
         for o in overrides:
             key, value = parse_override(o)
@@ -243,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="CUDA: skip torch.compile")
     p.add_argument("--skip-sweeps", action="store_true")
     p.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=list(SWEEPS), help="which sweeps to run (default: all)")
+    p.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
+                   help="the candidates sweep: only these names of scripts/cpu_experiments.py CANDIDATES (default: all)")
     p.add_argument("--profile", action="store_true", help="profile one V-HMN training step (torch.profiler)")
     p.add_argument("--out", default=None, help="JSON path (default results/benchmarks/<device>.json)")
     args = p.parse_args(argv)
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(table("image size (width 192, depth 6; tokens = (size / patch)²)", sweeps["image_size"]) + "\n")
 
     if "candidates" in wanted:
-        sweeps["candidates"] = compare(long_protocol_candidates(), args, device)
+        sweeps["candidates"] = compare(long_protocol_candidates(args.candidates), args, device)
         vit_ips = sweeps["candidates"][0]["train_img_s"]
         for r in sweeps["candidates"]:
             r["train_vs_vit"] = r["train_img_s"] / vit_ips
