@@ -152,6 +152,9 @@ CANDIDATES.update({
     f"{CHOSEN}_T1": CANDIDATES[CHOSEN] + ["model.refine_steps=1"],
 })
 CANDIDATES[f"{CHOSEN}_desc_T1"] = CANDIDATES[f"{CHOSEN}_desc"] + ["model.refine_steps=1"]  # the descriptors at the speed candidate's T
+# the control: the descriptors in V-HMN taken down to local attention (T = 0, no scene memory), a transformer block
+# with convolutional keys and values (as CvT's): is a gain of the descriptors V-HMN's, or the convolution's alone?
+CANDIDATES["vhmn_vitlike5_pe_desc"] = CONTROLS["vhmn_vitlike5_pe"] + ["model.window_descriptor=true"]
 VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["epochs=50", "warmup_epochs=2.5", "eval_every=5"],
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
 
@@ -172,7 +175,7 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             vhmn("vhmn_vitlike5", 0), vhmn("vhmn_vitlike5_pe", 0), vhmn(f"{BEST}_pe", 0), vhmn("vhmn_vitlike5_pe_T2", 0), vhmn(f"{BEST}_pe", 1),
             vhmn("vhmn_vitlike5_pe_scene", 0), vhmn("vhmn_window5rpin_wrlv_pe", 0), vhmn("vhmn_window5rpin_wrlv_pe", 1), vhmn("vhmn_vitlike15", 0),
             vhmn(CHOSEN, 2), vhmn(f"{CHOSEN}_desc", 0), vhmn(f"{CHOSEN}_k3", 0),
-            vhmn(f"{CHOSEN}_desc", 1), vhmn(f"{CHOSEN}_desc", 2), base("convmixer", 0), vhmn(f"{CHOSEN}_desc_T1", 0),
+            vhmn(f"{CHOSEN}_desc", 1), vhmn(f"{CHOSEN}_desc", 2), vhmn("vhmn_vitlike5_pe_desc", 0), vhmn(f"{CHOSEN}_desc_T1", 0), base("convmixer", 0),
             vhmn(f"{CHOSEN}_T1", 0), base("mixer", 0),
             vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
             base("convmixer", 1), base("mixer", 1), base("convmixer", 2), base("mixer", 2),
