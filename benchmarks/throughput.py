@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="CUDA: skip torch.compile")
     p.add_argument("--skip-sweeps", action="store_true")
+    p.add_argument("--no-main", action="store_true", help="skip the main comparison (V-HMN-tiny against the two ViTs)")
     p.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=list(SWEEPS), help="which sweeps to run (default: all)")
     p.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
                    help="the candidates sweep: only these names of scripts/cpu_experiments.py CANDIDATES (default: all)")
@@ -282,21 +283,24 @@ def main(argv: list[str] | None = None) -> dict:
         "vit_tiny_cifar": lambda: create_model("vit_tiny_cifar"),
         "vit_cifar_params": lambda: create_model("vit_cifar_params"),
     }
-    main_rows = compare(contenders, args, device)
-    v, vit_w, vit_p = main_rows
-    ratios = {
-        "train_vs_vit_same_width_depth": v["train_img_s"] / vit_w["train_img_s"],
-        "train_vs_vit_same_params": v["train_img_s"] / vit_p["train_img_s"],
-        "infer_vs_vit_same_width_depth": v["infer_img_s"] / vit_w["infer_img_s"],
-        "infer_vs_vit_same_params": v["infer_img_s"] / vit_p["infer_img_s"],
-    }
-    print(table("V-HMN vs ViT (32×32, median of alternating rounds)", main_rows))
-    print("\n" + "=" * 78)
-    print(f"  V-HMN / ViT training throughput: {ratios['train_vs_vit_same_width_depth']:.2f}× (same width and depth), "
-          f"{ratios['train_vs_vit_same_params']:.2f}× (same parameter count)")
-    print(f"  V-HMN / ViT inference throughput: {ratios['infer_vs_vit_same_width_depth']:.2f}× (same width and depth), "
-          f"{ratios['infer_vs_vit_same_params']:.2f}× (same parameter count)")
-    print("=" * 78 + "\n")
+    if args.no_main:  # only the sweeps asked for (the main comparison trains width-192 models: minutes on a CPU)
+        main_rows, ratios = [], {}
+    else:
+        main_rows = compare(contenders, args, device)
+        v, vit_w, vit_p = main_rows
+        ratios = {
+            "train_vs_vit_same_width_depth": v["train_img_s"] / vit_w["train_img_s"],
+            "train_vs_vit_same_params": v["train_img_s"] / vit_p["train_img_s"],
+            "infer_vs_vit_same_width_depth": v["infer_img_s"] / vit_w["infer_img_s"],
+            "infer_vs_vit_same_params": v["infer_img_s"] / vit_p["infer_img_s"],
+        }
+        print(table("V-HMN vs ViT (32×32, median of alternating rounds)", main_rows))
+        print("\n" + "=" * 78)
+        print(f"  V-HMN / ViT training throughput: {ratios['train_vs_vit_same_width_depth']:.2f}× (same width and depth), "
+              f"{ratios['train_vs_vit_same_params']:.2f}× (same parameter count)")
+        print(f"  V-HMN / ViT inference throughput: {ratios['infer_vs_vit_same_width_depth']:.2f}× (same width and depth), "
+              f"{ratios['infer_vs_vit_same_params']:.2f}× (same parameter count)")
+        print("=" * 78 + "\n")
 
     # ---- sweeps ---------------------------------------------------------------------------
     sweeps: dict[str, list[dict]] = {}
