@@ -148,7 +148,7 @@ CANDIDATES.update({
     # the stored patterns are the neighbours' 5×5 descriptors (decision 2's local descriptor, a depthwise conv of the
     # block input, the identity at first), not the tokens themselves: the query stays the token's state
     f"{PLAIN}_desc": CANDIDATES[PLAIN] + ["model.window_descriptor=true"],
-    # one refinement step instead of two: the speed issue's candidate (0.9× the ViT's training speed, T = 2: 0.64×)
+    # one refinement step instead of two: one retrieval less per block, the speed issue's candidate
     f"{PLAIN}_T1": CANDIDATES[PLAIN] + ["model.refine_steps=1"],
 })
 CANDIDATES[f"{PLAIN}_desc_T1"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.refine_steps=1"]  # the descriptors at the speed candidate's T
@@ -183,7 +183,7 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             vhmn(f"{PLAIN}_T1", 0), base("mixer", 0),
             vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
             base("convmixer", 1), base("mixer", 1), base("convmixer", 2), base("mixer", 2),
-            vhmn(f"{PLAIN}_gain", 0),  # the offset gains' reference path: 0.2× the ViT's speed (a 100-minute run)
+            vhmn(f"{PLAIN}_gain", 0),  # the offset gains take the reference path: the slowest of the candidates
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
 

@@ -121,10 +121,9 @@ class VHMNConfig:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
         if self.global_label_values and (self.memory != "episodic" or not self.global_memory):
             raise ValueError("global_label_values reads the labels stored with episodic slots: needs memory='episodic' and global_memory")
-        if self.window_descriptor and self.local_mode == "bank":
-            raise ValueError("window_descriptor makes the k×k neighbours of local_mode 'window' or 'hybrid' descriptors; bank mode has none")
-        if self.rel_pos and self.local_mode == "bank":
-            raise ValueError("rel_pos biases the k×k neighbours of local_mode 'window' or 'hybrid'; bank mode has none")
+        for name in ("rel_pos", "window_descriptor"):  # options of the k×k neighbours as stored patterns
+            if getattr(self, name) and self.local_mode == "bank":
+                raise ValueError(f"{name} acts on the k×k neighbours of local_mode 'window' or 'hybrid'; bank mode has none")
         if self.refine_steps < 0 or not 0 < self.refine_rate <= 1:
             raise ValueError(f"need refine_steps ≥ 0 and 0 < refine_rate ≤ 1; got {self.refine_steps}, {self.refine_rate}")
         grid = self.img_size // self.patch_size
@@ -184,7 +183,7 @@ class LocalHopfield(nn.Module):
             raise ValueError("window_self=False with kernel_size=1 leaves no neighbour to retrieve from")
         self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp, qk_norm=cfg.qk_norm)
         heads = self.retrieval.heads
-        self.window_descriptor = cfg.window_descriptor and self.mode != "bank"
+        self.window_descriptor = cfg.window_descriptor  # (the config rejects it in bank mode)
         if self.mode == "bank" or self.window_descriptor:
             self.neigh = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
         if self.window_descriptor:  # the identity: at initialisation the stored patterns are the tokens themselves
