@@ -35,7 +35,7 @@ def randomise(local):
             local.memory.bank[:] = torch.randn_like(local.memory.bank)
         if local.offset_gain is not None:
             local.offset_gain.normal_()
-        if local.window_descriptor:
+        if hasattr(local, "neigh"):
             local.neigh.weight.normal_(0, 0.3)
             local.neigh.bias.normal_()
 
@@ -46,7 +46,8 @@ def brute_force(local, s, hw):
     B, L, d = s.shape
     e, rad = r.head_dim, k // 2
     stored = local.descriptor(s, hw) if local.window_descriptor else s  # the neighbours' stored patterns
-    q, kk, vv = r.query(s), r.key(stored), r.v(stored)
+    q = r.query(local.descriptor(s, hw) if local.query_descriptor else s)  # the state patterns
+    kk, vv = r.key(stored), r.v(stored)
     hybrid = local.mode == "hybrid"
     if hybrid:
         kb, vb = (t[0] for t in local.project_memory())  # (h, N, e)
@@ -78,7 +79,9 @@ CASES = [dict(local_mode="window", rel_pos=True), dict(local_mode="hybrid"), dic
          dict(local_mode="window", qk_norm=True), dict(local_mode="hybrid", rel_pos=True, qk_norm=True),
          dict(local_mode="window", rel_pos=True, window_self=False), dict(local_mode="hybrid", window_self=False),
          dict(local_mode="window", rel_pos=True, offset_gain=True), dict(local_mode="hybrid", offset_gain=True),
-         dict(local_mode="window", rel_pos=True, window_descriptor=True), dict(local_mode="hybrid", window_descriptor=True)]
+         dict(local_mode="window", rel_pos=True, window_descriptor=True), dict(local_mode="hybrid", window_descriptor=True),
+         dict(local_mode="window", rel_pos=True, window_descriptor=True, query_descriptor=True),
+         dict(local_mode="window", query_descriptor=True), dict(local_mode="hybrid", query_descriptor=True)]
 
 
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
@@ -296,7 +299,9 @@ def test_window_self_false_predicts_a_token_from_its_context_alone():
     dict(local_mode="hybrid", rel_pos=True, window_stored="input", write_after_read=True),
     dict(local_mode="window", rel_pos=True, kernel_size=5, pos_embed=True, window_stored="input", write_after_read=True,
          global_label_values=True, window_descriptor=True),
-], ids=["window-candidate", "hybrid-candidate", "chosen-descriptor"])
+    dict(local_mode="window", rel_pos=True, kernel_size=5, pos_embed=True, window_stored="input", write_after_read=True,
+         global_label_values=True, window_descriptor=True, query_descriptor=True),
+], ids=["window-candidate", "hybrid-candidate", "chosen-descriptor", "descriptor-query"])
 def test_candidates_compile_without_graph_breaks(kw):
     """``fullgraph=True`` raises on any graph break (the mask cache, the writes after the read, the label values)."""
     import copy
@@ -368,6 +373,8 @@ LINEAR_CASES = [dict(T=T, qk_norm=qk, rel_pos=rp, global_memory=g, mixer_output=
                 for T in (0, 1, 2, 3) for qk in (False, True) for rp in (False, True) for g in (False, True)
                 for out in ("state", "retrieval", "change") if not (out != "state" and (qk or rp))]
 LINEAR_CASES += [dict(T=T, qk_norm=False, rel_pos=True, global_memory=True, mixer_output="state", window_descriptor=True) for T in (0, 1, 2)]
+LINEAR_CASES += [dict(T=T, qk_norm=qk, rel_pos=True, global_memory=True, mixer_output="state", window_descriptor=True, query_descriptor=True)
+                 for T in (0, 1, 2, 3) for qk in (False, True)]
 
 
 @pytest.mark.parametrize("c", LINEAR_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -377,7 +384,7 @@ def test_linear_refinement_equals_the_reference_loop(c):
     in every gradient, with and without cosine retrieval, offset biases, global memory and for each mixer output."""
     kw = dict(local_mode="window", window_stored="input", window_self=False, refine_steps=c["T"], refine_rate=0.5 if c["T"] < 3 else 0.3,
               qk_norm=c["qk_norm"], rel_pos=c["rel_pos"], global_memory=c["global_memory"], mixer_output=c["mixer_output"], drop_path=0.0,
-              window_descriptor=c.get("window_descriptor", False))
+              window_descriptor=c.get("window_descriptor", False), query_descriptor=c.get("query_descriptor", False))
     torch.manual_seed(0)
     fast = create_model("vhmn_test", **kw).double().train()
     ref = create_model("vhmn_test", **kw, fast=False).double().train()
@@ -477,6 +484,32 @@ def test_window_descriptor_starts_as_the_plain_window_and_widens_what_a_token_re
     assert [reads(desc, d) for d in (1, 2, 3)] == [True, True, False]
 
 
-def test_config_rejects_window_descriptor_in_bank_mode():
-    with pytest.raises(ValueError, match="window_descriptor"):
-        create_model("vhmn_test", local_mode="bank", window_descriptor=True)
+@pytest.mark.parametrize("name", ["window_descriptor", "query_descriptor"])
+def test_config_rejects_the_descriptor_options_in_bank_mode(name):
+    with pytest.raises(ValueError, match=name):
+        create_model("vhmn_test", local_mode="bank", **{name: True})
+
+
+def test_query_descriptor_starts_as_the_token_query_and_lets_the_query_see_its_neighbours():
+    """query_descriptor: the query is projected from the state's k×k descriptor (the same depthwise conv as the
+    stored patterns', the identity at first). At initialisation the retrieval is the plain window's; once the conv is
+    learned, a token's association depends on its neighbours' states through its query, and not only through the
+    neighbours' keys: with the keys held fixed (window_stored='input' tokens given), changing a neighbour changes
+    the centre's retrieval only with the descriptor query."""
+    plain = local_of(local_mode="window", rel_pos=True, window_stored="input")
+    qd = local_of(local_mode="window", rel_pos=True, window_stored="input", query_descriptor=True)
+    qd.load_state_dict(plain.state_dict(), strict=False)
+    s = torch.randn(1, 49, 32, dtype=torch.float64)
+    hw = (7, 7)
+    tokens = plain.stored_tokens(s, hw)  # the neighbours' keys and values, fixed
+    assert_close(qd(s, hw, None, tokens), plain(s, hw, None, tokens))  # identity at initialisation
+    with torch.no_grad():
+        qd.neigh.weight.normal_()
+    centre = 3 * 7 + 3
+    t = s.clone()
+    t[0, centre + 1] += 1.0  # a neighbour's state moves; the stored keys and values do not
+    assert_close(plain(t, hw, None, tokens)[0, centre], plain(s, hw, None, tokens)[0, centre])
+    assert not torch.allclose(qd(t, hw, None, tokens)[0, centre], qd(s, hw, None, tokens)[0, centre])
+    t = s.clone()
+    t[0, centre + 2] += 1.0  # two columns away: outside the query's 3×3 descriptor
+    assert_close(qd(t, hw, None, tokens)[0, centre], qd(s, hw, None, tokens)[0, centre])

@@ -67,6 +67,9 @@ class VHMNConfig:
     # conv of the stored tokens (bank mode's descriptor; the identity at initialisation), not the tokens themselves.
     # The query stays the token's state
     window_descriptor: bool = False
+    # window/hybrid: the query is the token's k×k descriptor too (decision 2's local query: the same depthwise conv as
+    # the stored patterns', applied to the current state; the identity at initialisation), not the state itself
+    query_descriptor: bool = False
     local_slots: int = 512
     global_slots: int = 256
     local_writes: int = 64  # features each local bank writes per training step
@@ -121,7 +124,7 @@ class VHMNConfig:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
         if self.global_label_values and (self.memory != "episodic" or not self.global_memory):
             raise ValueError("global_label_values reads the labels stored with episodic slots: needs memory='episodic' and global_memory")
-        for name in ("rel_pos", "window_descriptor"):  # options of the k×k neighbours as stored patterns
+        for name in ("rel_pos", "window_descriptor", "query_descriptor"):  # options of the k×k neighbours as stored patterns
             if getattr(self, name) and self.local_mode == "bank":
                 raise ValueError(f"{name} acts on the k×k neighbours of local_mode 'window' or 'hybrid'; bank mode has none")
         if self.refine_steps < 0 or not 0 < self.refine_rate <= 1:
@@ -165,6 +168,7 @@ class LocalHopfield(nn.Module):
               comes from the context alone.
     window_descriptor: the neighbours' keys and values are projected from their k×k descriptors (the depthwise conv
               of 'bank', initialised to the identity) instead of from the tokens themselves.
+    query_descriptor: the query is projected from the state's k×k descriptor (the same conv) instead of the state.
     window_stored='input': the neighbours' keys and values are projected once per block from its input u and
               stay fixed through the refinement steps; only the state (the query) moves. 'state': they are
               re-projected from the current state at every step.
@@ -183,10 +187,11 @@ class LocalHopfield(nn.Module):
             raise ValueError("window_self=False with kernel_size=1 leaves no neighbour to retrieve from")
         self.retrieval = HopfieldRetrieval(dim, dim // cfg.head_dim, cfg.inv_temp, qk_norm=cfg.qk_norm)
         heads = self.retrieval.heads
-        self.window_descriptor = cfg.window_descriptor  # (the config rejects it in bank mode)
-        if self.mode == "bank" or self.window_descriptor:
+        self.window_descriptor = cfg.window_descriptor  # (the config rejects both in bank mode)
+        self.query_descriptor = cfg.query_descriptor
+        if self.mode == "bank" or self.window_descriptor or self.query_descriptor:
             self.neigh = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
-        if self.window_descriptor:  # the identity: at initialisation the stored patterns are the tokens themselves
+        if self.window_descriptor or self.query_descriptor:  # the identity: at initialisation the stored patterns are the tokens themselves
             nn.init.dirac_(self.neigh.weight, groups=dim)
             nn.init.zeros_(self.neigh.bias)
         if self.mode in ("bank", "hybrid"):
@@ -205,6 +210,10 @@ class LocalHopfield(nn.Module):
         """(B, L, d) → (B, L, d): each token's k×k neighbourhood through a depthwise conv."""
         x = rearrange(s, "b (h w) d -> b d h w", h=hw[0])
         return rearrange(self.neigh(x), "b d h w -> b (h w) d")
+
+    def query_input(self, s: Tensor, hw: tuple[int, int]) -> Tensor:
+        """What the local query is projected from (B, L, d): the state s, or its k×k descriptor (query_descriptor)."""
+        return self.descriptor(s, hw) if self.query_descriptor else s
 
     def project_memory(self, snapshot: bool = False):
         """The bank's keys and values (1, h, N, e), or None without a bank. snapshot: project a copy of the slots,
@@ -285,13 +294,13 @@ class LocalHopfield(nn.Module):
 
     def _qkv(self, s: Tensor, hw: tuple[int, int], tokens=None) -> tuple[Tensor, Tensor, Tensor]:
         r = self.retrieval
-        return tuple(rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (r.query(s), *self._kv(s, hw, tokens)))
+        return tuple(rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (r.query(self.query_input(s, hw)), *self._kv(s, hw, tokens)))
 
     def _window_dense(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
         """Fast path: every token attends to all L tokens through one fused attention call, with the
         neighbourhood mask: no unfold copies. Equal to :meth:`_window_unfold` up to rounding."""
         r = self.retrieval
-        return r.o(self.window_values(r.query(s), hw, self._kv(s, hw, tokens)))
+        return r.o(self.window_values(r.query(self.query_input(s, hw)), hw, self._kv(s, hw, tokens)))
 
     def window_values(self, q: Tensor, hw: tuple[int, int], tokens: tuple[Tensor, Tensor], bias: Tensor | None = None) -> Tensor:
         """The window retrieval before the output projection: queries q (B, L, d) (already scaled, see
@@ -375,7 +384,7 @@ class LocalHopfield(nn.Module):
         """Reference path: gather each token's k×k neighbours (unfold, zero-padded) and attend to the
         ones inside the grid."""
         r = self.retrieval
-        return r.o(self._unfold_values(r.query(s), hw, self._kv(s, hw, tokens)))
+        return r.o(self._unfold_values(r.query(self.query_input(s, hw)), hw, self._kv(s, hw, tokens)))
 
     def _unfold_values(self, q: Tensor, hw: tuple[int, int], tokens: tuple[Tensor, Tensor]) -> Tensor:
         """:meth:`window_values` by unfold: queries q (B, L, d), the neighbours' keys and values (B, L, d) each →
@@ -406,7 +415,7 @@ class LocalHopfield(nn.Module):
         """The readable way: logits of each token's k² neighbours (B·L, h, k²) and of the N bank slots
         (B·L, h, N), biases included (−inf for neighbours outside the grid)."""
         r, B = self.retrieval, s.shape[0]
-        q = rearrange(r.query(s), "b l (h e) -> (b l) h e", h=r.heads)
+        q = rearrange(r.query(self.query_input(s, hw)), "b l (h e) -> (b l) h e", h=r.heads)
         logits_n = r.scale * torch.einsum("qhe,qhke->qhk", q, self._neighbours(self._kv(s, hw, tokens)[0], hw))
         logits_n = logits_n + self._unfold_bias(hw, s.device, q.dtype)[:, :, 0, :].repeat(B, 1, 1)
         logits_b = r.scale * torch.einsum("qhe,hne->qhn", q, kv[0][0]) + self._bank_bias(q.dtype)[:, 0, :]
@@ -575,13 +584,15 @@ class MemoryMixer(nn.Module):
 
         so W_o is applied once (to the weighted sum of the r_t) instead of at every step, and W_q once to u:
         T + 3 token projections instead of 2T + 2 (T = 2: 5 instead of 6, the ViT's attention has 4).
+        With query_descriptor P_t = W_q D(s_t) + b_q, and D (the depthwise conv) is affine too, so
+        P_{t+1} = (1 − β) P_t + β (W_q D(W_o r_t + b_o + γ_t) + b_q): two projections and a conv per step.
         """
         cfg, loc = self.cfg, self.local
         r, beta, T = loc.retrieval, cfg.refine_rate, cfg.refine_steps
-        p = r.q(u)  # (B, L, d) P_0 = W_q u + b_q
+        p = r.q(loc.query_input(u, hw))  # (B, L, d) P_0 = W_q u + b_q (W_q D(u) + b_q with query_descriptor)
         mu = u.mean(1, keepdim=True) if self.glob is not None else None  # (B, 1, d) μ_0
         bias = loc.window_bias(hw, u.device, u.dtype) if loc.rel_pos is not None and hw[0] * hw[1] <= loc.DENSE_WINDOW_MAX_TOKENS else None
-        W_qo = r.q.weight @ r.o.weight if T > 1 else None  # (d, d)
+        W_qo = r.q.weight @ r.o.weight if T > 1 and not loc.query_descriptor else None  # (d, d)
         acc_r, acc_c = 0, 0
         for t in range(max(T, 1)):
             rt = loc.window_values(r.scale_query(p), hw, tokens, bias)  # (B, L, d)
@@ -592,7 +603,10 @@ class MemoryMixer(nn.Module):
             c = r.o.bias if g is None else r.o.bias + g  # (d,) or (B, 1, d): b_o + γ_t
             acc_r, acc_c = acc_r + w * rt, acc_c + w * c
             if t < T - 1:
-                p = (1 - beta) * p + beta * (F.linear(rt, W_qo) + r.q(c))
+                if loc.query_descriptor:  # D is affine: D(s_{t+1}) = (1 − β) D(s_t) + β D(m_t), m_t = W_o r_t + b_o + γ_t
+                    p = (1 - beta) * p + beta * r.q(loc.descriptor(F.linear(rt, r.o.weight) + c, hw))
+                else:
+                    p = (1 - beta) * p + beta * (F.linear(rt, W_qo) + r.q(c))
                 if mu is not None:
                     mu = (1 - beta) * mu + beta * (F.linear(rt.mean(1, keepdim=True), r.o.weight) + c)
         return self._output((1 - beta) ** T * u + F.linear(acc_r, r.o.weight) + acc_c, u)
