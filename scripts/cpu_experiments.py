@@ -169,6 +169,19 @@ VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["ep
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
 
 
+def cost(item: tuple[str, str, int, list[str]]) -> float:
+    """Estimated seconds of a run for --longest-first: the mean wall time of its committed seeds (same name up
+    to the seed), else of the committed runs of its experiment, else of every committed run."""
+    run, experiment, _, _ = item
+    committed = [json.loads(p.read_text()) for p in RESULTS.glob("*/results.json")]
+    for same in (lambda r: r["config"]["out_dir"].rsplit("/", 1)[-1].rsplit("_s", 1)[0] == run.rsplit("_s", 1)[0],
+                 lambda r: r["experiment"] == experiment, lambda r: True):
+        walls = [r["wall_time_s"] for r in committed if r.get("status") == "complete" and same(r)]
+        if walls:
+            return sum(walls) / len(walls)
+    return 0.0
+
+
 def plan_long() -> list[tuple[str, str, int, list[str]]]:
     """The converged protocol's runs, most important first."""
     vhmn = lambda name, seed: (f"{name}_s{seed}", "cifar10_frac10_cpulong_vhmn", seed, CANDIDATES[name])  # noqa: E731

@@ -1,0 +1,48 @@
+"""scripts/cpu_experiments.py's ordering: ``--longest-first`` starts the runs in order of their estimated wall time,
+estimated from committed runs (a run's other seeds first, then its experiment, then every committed run)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from _slice import REPO
+
+
+@pytest.fixture
+def ce():
+    spec = importlib.util.spec_from_file_location("cpu_experiments_under_test", REPO / "scripts" / "cpu_experiments.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _commit(results, run: str, experiment: str, wall: float) -> None:
+    (results / run).mkdir(parents=True)
+    (results / run / "results.json").write_text(json.dumps({
+        "experiment": experiment, "status": "complete", "wall_time_s": wall,
+        "config": {"out_dir": f"runs/cpu10long/{run}"}}))
+
+
+def test_cost_reads_the_other_seeds_then_the_experiment_then_every_run(ce, tmp_path):
+    ce.RESULTS = tmp_path
+    assert ce.cost(("vit_s0", "cifar10_frac10_cpulong_vit", 0, [])) == 0.0  # nothing committed yet
+    _commit(tmp_path, "vit_s0", "cifar10_frac10_cpulong_vit", 100.0)
+    _commit(tmp_path, "vit_e25_s0", "cifar10_frac10_cpulong_vit", 30.0)
+    _commit(tmp_path, "convmixer_s0", "cifar10_frac10_cpulong_convmixer", 200.0)
+    _commit(tmp_path, "convmixer_s1", "cifar10_frac10_cpulong_convmixer", 300.0)
+    assert ce.cost(("convmixer_s2", "cifar10_frac10_cpulong_convmixer", 2, [])) == 250.0  # its seeds
+    assert ce.cost(("vit_s1", "cifar10_frac10_cpulong_vit", 1, [])) == 100.0  # not vit_e25's 30 s
+    assert ce.cost(("vit_lr5e-4_s0", "cifar10_frac10_cpulong_vit", 0, ["lr=5e-4"])) == 65.0  # its experiment
+    assert ce.cost(("mixer_s0", "cifar10_frac10_cpulong_mixer", 0, [])) == 157.5  # every committed run
+
+
+@pytest.mark.parametrize("protocol", ["16", "long"])
+def test_longest_first_lists_the_plan_in_order_of_estimated_wall_time(ce, capsys, protocol):
+    assert ce.main(["--protocol", protocol, "--longest-first", "--list"]) == 0
+    names = [line[7:].split()[0] for line in capsys.readouterr().out.splitlines()]  # 'done   run …' / 'to do  run …'
+    items = {item[0]: item for item in ce.plan(None, protocol)}
+    assert sorted(names) == sorted(items)  # every run of the plan, once
+    costs = [ce.cost(items[n]) for n in names]
+    assert costs == sorted(costs, reverse=True)
