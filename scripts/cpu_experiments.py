@@ -155,12 +155,19 @@ CANDIDATES[f"{PLAIN}_desc_T1"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.refine_st
 # the control: the descriptors in V-HMN taken down to local attention (T = 0, no scene memory), a transformer block
 # with convolutional keys and values (as CvT's): is a gain of the descriptors V-HMN's, or the convolution's alone?
 CANDIDATES["vhmn_vitlike5_pe_desc"] = CONTROLS["vhmn_vitlike5_pe"] + ["model.window_descriptor=true"]
-# ... and from that control one memory feature at a time again, with the descriptors: the refinement alone (T = 2,
-# no scene memory) and the scene memory alone (T = 0): which of the two costs on top of the descriptors
 # decision 2's local query: the query is the state's 5×5 descriptor too (the same depthwise conv), not the state
 CANDIDATES[f"{PLAIN}_descq"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.query_descriptor=true"]
+# ... and from that control one memory feature at a time again, with the descriptors: the refinement alone (T = 2,
+# no scene memory) and the scene memory alone (T = 0): which of the two costs on top of the descriptors
 CANDIDATES["vhmn_vitlike5_pe_desc_T2"] = CONTROLS["vhmn_vitlike5_pe_T2"] + ["model.window_descriptor=true"]
 CANDIDATES["vhmn_vitlike5_pe_desc_scene"] = CONTROLS["vhmn_vitlike5_pe_scene"] + ["model.window_descriptor=true"]
+# Each costs about half a point there (one seed each). Two ways to keep both and not pay for them: the refined
+# state without the block input's share (1 − β)^T u in what the mixer adds to the residual stream ('retrieval': at
+# T = 2 a quarter of the LayerNormed input goes back into the stream, which the control, T = 0, does not do); and
+# the scene retrieval entering through FiLM, whose scale and shift start at zero, so that the model starts as the
+# refinement without scene memory and takes from the scene only what helps.
+CANDIDATES[f"{PLAIN}_desc_retrieval"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.mixer_output=retrieval"]
+CANDIDATES[f"{PLAIN}_desc_film"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.global_mod=film"]
 # The candidate the GPU script trains at the paper-scale width and recipe (scripts/gpu_reproduce.py, call 2): the
 # converged protocol's best V-HMN so far (ch9, "After the choice"): the plainest one with the neighbours' 5×5
 # descriptors as its stored patterns.
@@ -203,6 +210,7 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             vhmn("vhmn_vitlike5_pe_desc_scene", 0), vhmn(f"{PLAIN}_descq", 0), base("mixer", 0), vhmn(f"{PLAIN}_T1", 0),
             vhmn(BEST, 2), vhmn(f"{BEST}_retrieval", 0), vhmn(f"{BEST}_T1", 0),
             base("convmixer", 1), base("mixer", 1), base("convmixer", 2), base("mixer", 2),
+            vhmn(f"{PLAIN}_desc_retrieval", 0), vhmn(f"{PLAIN}_desc_film", 0),
             vhmn(f"{PLAIN}_gain", 0),  # the offset gains take the reference path: the slowest of the candidates
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]

@@ -350,6 +350,31 @@ def test_mixer_output_modes_separate_the_input_pass_through_from_the_retrievals(
         assert_close(outs["change"], (keep - 1) * u)
 
 
+def test_film_scene_memory_starts_as_the_model_without_it():
+    """global_mod='film': the scene retrieval g enters the prediction as m ⊙ (1 + scale(g)) + shift(g), with scale
+    and shift zero at initialisation, so that a V-HMN with a written scene memory computes, at first, exactly what
+    the same weights compute without a scene memory; once the FiLM weights move, the stored scenes change it."""
+    kw = dict(local_mode="window", rel_pos=True, kernel_size=5, window_stored="input", window_descriptor=True, pos_embed=True)
+    torch.manual_seed(0)
+    film = create_model("vhmn_test", global_mod="film", write_after_read=True, global_label_values=True, **kw).double()
+    plain = create_model("vhmn_test", global_memory=False, **kw).double()
+    missing, unexpected = plain.load_state_dict(film.state_dict(), strict=False)
+    assert not missing and unexpected and all(".glob." in k or ".film." in k for k in unexpected)
+    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.arange(8) % 10
+    film.train()
+    with torch.no_grad():
+        film(x, index=torch.arange(8), labels=y)  # write 8 scenes (with their labels) into every block's memory
+    film.eval(), plain.eval()
+    glob = film.stages[0][0].mixer.glob
+    assert int((glob.memory.provenance()["label"] >= 0).sum()) == 8
+    with torch.no_grad():
+        for blk in film.stages[0]:  # a scene memory whose retrieval is far from zero
+            blk.mixer.glob.label_values.weight.normal_()
+        assert_close(film(x), plain(x))  # (a VHMN whose generic Linear init overwrote FiLM's zeros fails here)
+        film.stages[0][0].mixer.film.weight.normal_(0, 0.1)
+        assert (film(x) - plain(x)).abs().max() > 1e-3
+
+
 def test_offset_gain_with_a_uniform_association_is_a_depthwise_convolution():
     """With zero queries (every neighbour weighted alike) a token's retrieval is the mean over its in-grid window of
     gain(offset) ⊙ v_j: inside the grid, a depthwise k×k convolution of the values with the gains / k² as filter."""

@@ -502,10 +502,16 @@ class MemoryMixer(nn.Module):
         self.glob = GlobalHopfield(dim, cfg) if cfg.global_memory else None
         if self.glob is not None and cfg.global_mod == "film":
             self.film = nn.Linear(dim, 2 * dim)
-            nn.init.zeros_(self.film.weight)
-            nn.init.zeros_(self.film.bias)
+        self.init_identity()
         if cfg.fusion == "concat" and self.local is not None and self.glob is not None:
             self.fuse = nn.Linear(2 * dim, dim)
+
+    def init_identity(self) -> None:
+        """FiLM's scale and shift start at zero: the prior passes the local retrieval through until it learns to
+        modulate it. (VHMN calls this again after its own initialisation of every Linear.)"""
+        if hasattr(self, "film"):
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
     def predict(self, s: Tensor, hw: tuple[int, int], kv_l, kv_g, tokens=None) -> Tensor:
         """The memory's prediction m(s): (B, L, d) → (B, L, d)."""
@@ -695,6 +701,9 @@ class VHMN(nn.Module):
             self.pool_kv = nn.Linear(self.num_features, 2 * self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        for m in self.modules():  # the layers that start as the identity, after the generic init above
+            if isinstance(m, MemoryMixer):
+                m.init_identity()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
