@@ -15,6 +15,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def load_script(relpath: str, name: str):
+    """A script of the repository (not a package, e.g. ``scripts/cpu_experiments.py``) imported as a fresh module
+    ``name``, registered in sys.modules (dataclasses look their module up there)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def real_root() -> Path | None:
     for cand in (os.environ.get("VHMN_DATA"), REPO.parent / "shared" / "data", REPO / "data"):
         if cand and (Path(cand) / "cifar10" / "train.npz").is_file():

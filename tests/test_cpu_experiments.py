@@ -2,20 +2,16 @@
 estimated from committed runs (a run's other seeds first, then its experiment, then every committed run)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from _slice import REPO
+from _slice import load_script
 
 
 @pytest.fixture
 def ce():
-    spec = importlib.util.spec_from_file_location("cpu_experiments_under_test", REPO / "scripts" / "cpu_experiments.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/cpu_experiments.py", "cpu_experiments_under_test")  # fresh: the tests set its RESULTS
 
 
 def _commit(results, run: str, experiment: str, wall: float) -> None:

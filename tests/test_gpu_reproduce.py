@@ -8,19 +8,14 @@ results under results/gpu/; `plan` names every stage.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from _slice import REPO, real_root, one_thread  # noqa: F401  (autouse fixture)
+from _slice import load_script, real_root, one_thread  # noqa: F401  (autouse fixture)
 
-spec = importlib.util.spec_from_file_location("gpu_reproduce", REPO / "scripts" / "gpu_reproduce.py")
-gr = importlib.util.module_from_spec(spec)
-sys.modules["gpu_reproduce"] = gr  # dataclasses look their module up
-spec.loader.exec_module(gr)
+gr = load_script("scripts/gpu_reproduce.py", "gpu_reproduce")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,11 @@ its first device call.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _slice import REPO
+from _slice import load_script
 from vhmn import create_model
 from vhmn.train import parse_override
 
@@ -25,9 +23,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def best_candidate() -> dict:
     """The model fields of scripts/cpu_experiments.py's CHOSEN candidate (one definition, read from the script)."""
-    spec = importlib.util.spec_from_file_location("cpu_experiments", REPO / "scripts" / "cpu_experiments.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/cpu_experiments.py", "cpu_experiments")
     return {k.removeprefix("model."): v for k, v in map(parse_override, mod.CANDIDATES[mod.CHOSEN])}
 
 
