@@ -161,7 +161,7 @@ CANDIDATES[f"{PLAIN}_descq"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.query_descr
 # no scene memory) and the scene memory alone (T = 0): which of the two costs on top of the descriptors
 CANDIDATES["vhmn_vitlike5_pe_desc_T2"] = CONTROLS["vhmn_vitlike5_pe_T2"] + ["model.window_descriptor=true"]
 CANDIDATES["vhmn_vitlike5_pe_desc_scene"] = CONTROLS["vhmn_vitlike5_pe_scene"] + ["model.window_descriptor=true"]
-# Each costs about half a point there (one seed each). Two ways to keep both and not pay for them: the refined
+# Each cost about half a point on seed 0. Two ways to keep both and not pay for them: the refined
 # state without the block input's share (1 − β)^T u in what the mixer adds to the residual stream ('retrieval': at
 # T = 2 a quarter of the LayerNormed input goes back into the stream, which the control, T = 0, does not do); and
 # the scene retrieval entering through FiLM, whose scale and shift start at zero, so that the model starts as the
@@ -176,14 +176,20 @@ VIT_BUDGETS = {25: ["epochs=25", "warmup_epochs=1.25", "eval_every=5"], 50: ["ep
                200: ["epochs=200", "warmup_epochs=10", "eval_every=20", "ckpt_every=20"]}
 
 
-def cost(item: tuple[str, str, int, list[str]]) -> float:
+def committed_runs() -> dict[str, dict]:
+    """Run name → results of every complete run committed under RESULTS."""
+    found = {p.parent.name: json.loads(p.read_text()) for p in RESULTS.glob("*/results.json")}
+    return {run: r for run, r in found.items() if r.get("status") == "complete"}
+
+
+def cost(item: tuple[str, str, int, list[str]], committed: dict[str, dict] | None = None) -> float:
     """Estimated seconds of a run for --longest-first: the mean wall time of its committed seeds (same name up
     to the seed), else of the committed runs of its experiment, else of every committed run."""
     run, experiment, _, _ = item
-    committed = [json.loads(p.read_text()) for p in RESULTS.glob("*/results.json")]
-    for same in (lambda r: r["config"]["out_dir"].rsplit("/", 1)[-1].rsplit("_s", 1)[0] == run.rsplit("_s", 1)[0],
-                 lambda r: r["experiment"] == experiment, lambda r: True):
-        walls = [r["wall_time_s"] for r in committed if r.get("status") == "complete" and same(r)]
+    committed = committed_runs() if committed is None else committed
+    for same in (lambda name, r: name.rsplit("_s", 1)[0] == run.rsplit("_s", 1)[0],
+                 lambda name, r: r["experiment"] == experiment, lambda name, r: True):
+        walls = [r["wall_time_s"] for name, r in committed.items() if same(name, r)]
         if walls:
             return sum(walls) / len(walls)
     return 0.0
@@ -313,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--runs: {sorted(unknown)} not in the plan; see --list")
         todo = [item for item in todo if item[0] in args.runs]
     if args.longest_first:
-        todo.sort(key=cost, reverse=True)
+        committed = committed_runs()  # read once for the whole plan
+        todo.sort(key=lambda item: cost(item, committed), reverse=True)
     if args.list:
         for run, exp, seed, ov in todo:
             print(f"{'done ' if done(run) else 'to do'}  {run:<18} {exp} seed={seed} {' '.join(ov)}")
