@@ -168,6 +168,12 @@ CANDIDATES["vhmn_vitlike5_pe_desc_scene"] = CONTROLS["vhmn_vitlike5_pe_scene"] +
 # refinement without scene memory and takes from the scene only what helps.
 CANDIDATES[f"{PLAIN}_desc_retrieval"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.mixer_output=retrieval"]
 CANDIDATES[f"{PLAIN}_desc_film"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.global_mod=film"]
+# The factorial says the refinement is what costs (−0.5 on the control; T = 1, with half of u passed through, costs
+# most). A third reading of "refine, then predict": the mixer adds the memory's prediction at the refined state,
+# m(s_T), instead of s_T: no share of u goes back into the stream (as at T = 0, which adds m(u)), and the query is
+# refined T times before it is read out (T + 1 retrievals; T = 1: two, the cost of the candidate's T = 2).
+CANDIDATES[f"{PLAIN}_desc_pred"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.mixer_output=prediction"]
+CANDIDATES[f"{PLAIN}_desc_pred_T1"] = CANDIDATES[f"{PLAIN}_desc_pred"] + ["model.refine_steps=1"]
 # The candidate the GPU script trains at the paper-scale width and recipe (scripts/gpu_reproduce.py, call 2): the
 # converged protocol's best V-HMN so far (ch9, "After the choice"): the plainest one with the neighbours' 5×5
 # descriptors as its stored patterns.
@@ -219,6 +225,8 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             vhmn(f"{PLAIN}_desc_retrieval", 0), vhmn(f"{PLAIN}_desc_film", 0),
             vhmn("vhmn_vitlike5_pe_desc_T2", 1), vhmn("vhmn_vitlike5_pe_desc_scene", 1),  # the factorial's second seed
             vhmn("vhmn_vitlike5_pe_desc_scene", 2),  # local and global memory without refinement: +3.1 over two seeds
+            vhmn(f"{PLAIN}_desc_pred", 0), vhmn(f"{PLAIN}_desc_pred_T1", 0),  # the readout m(s_T) instead of s_T
+            vhmn(f"{PLAIN}_desc_pred", 1), vhmn(f"{PLAIN}_desc_pred_T1", 1), vhmn(f"{PLAIN}_desc_pred", 2), vhmn(f"{PLAIN}_desc_pred_T1", 2),
             vhmn(f"{PLAIN}_gain", 0),  # the offset gains take the reference path: the slowest of the candidates
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]

@@ -16,6 +16,7 @@ from torch.testing import assert_close
 
 from vhmn import create_model
 from vhmn.diagnostics import effective_slots, memory_diagnostics
+from vhmn.functional import predictive_coding_refine
 
 from _slice import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
@@ -350,6 +351,30 @@ def test_mixer_output_modes_separate_the_input_pass_through_from_the_retrievals(
         assert_close(outs["change"], (keep - 1) * u)
 
 
+def test_prediction_output_is_the_memory_read_out_at_the_refined_state():
+    """mixer_output='prediction' adds m(s_T) to the residual stream: the prediction of the memory at the state that T
+    refinement steps reached (predictive_coding_refine, then one retrieval more), not s_T; at T = 0 it is m(u), as
+    'state'. It is a fixed point of the refinement exactly when 'prediction' and 'state' agree."""
+    torch.manual_seed(0)
+    u = torch.randn(2, 64, 32, dtype=torch.float64)
+    for T, beta in ((0, 0.5), (1, 0.5), (2, 0.5), (3, 0.25)):
+        out = {}
+        for mode in ("state", "prediction"):
+            torch.manual_seed(1)
+            m = create_model("vhmn_test", refine_steps=T, refine_rate=beta, mixer_output=mode).double().eval()
+            mixer = m.stages[0][0].mixer
+            with torch.no_grad():
+                out[mode] = mixer(u, (8, 8))
+        kv_l, kv_g = mixer.local.project_memory(), mixer.glob.project_memory()
+        predict = lambda s: mixer.predict(s, (8, 8), kv_l, kv_g)  # noqa: E731
+        with torch.no_grad():
+            s_T = predictive_coding_refine(u, predict, beta, T)
+            assert_close(out["state"], s_T)
+            assert_close(out["prediction"], predict(s_T) if T else s_T)
+            if T:
+                assert (out["prediction"] - out["state"]).abs().max() > 1e-3
+
+
 def test_film_scene_memory_starts_as_the_model_without_it():
     """global_mod='film': the scene retrieval g enters the prediction as m ⊙ (1 + scale(g)) + shift(g), with scale
     and shift zero at initialisation, so that a V-HMN with a written scene memory computes, at first, exactly what
@@ -397,7 +422,9 @@ def test_offset_gain_with_a_uniform_association_is_a_depthwise_convolution():
 LINEAR_CASES = [dict(T=T, qk_norm=qk, rel_pos=rp, global_memory=g, mixer_output=out)
                 for T in (0, 1, 2, 3) for qk in (False, True) for rp in (False, True) for g in (False, True)
                 for out in ("state", "retrieval", "change") if not (out != "state" and (qk or rp))]
-LINEAR_CASES += [dict(T=T, qk_norm=False, rel_pos=True, global_memory=True, mixer_output="state", window_descriptor=True) for T in (0, 1, 2)]
+LINEAR_CASES += [dict(T=T, qk_norm=False, rel_pos=True, global_memory=True, mixer_output=out, window_descriptor=True)
+                 for T in (0, 1, 2) for out in ("state", "prediction")]
+LINEAR_CASES += [dict(T=T, qk_norm=qk, rel_pos=False, global_memory=g, mixer_output="prediction") for T in (1, 3) for qk in (False, True) for g in (False, True)]
 LINEAR_CASES += [dict(T=T, qk_norm=qk, rel_pos=True, global_memory=True, mixer_output="state", window_descriptor=True, query_descriptor=True)
                  for T in (0, 1, 2, 3) for qk in (False, True)]
 

@@ -88,7 +88,8 @@ class VHMNConfig:
     # what the mixer adds to the residual stream. For T ≥ 1, s_T = (1 − β)^T u + (the retrieved terms):
     # 'state': s_T; 'retrieval': s_T − (1 − β)^T u, the retrieved terms alone (the clean control of the refinement
     # ablation: T steps without the input pass-through, as T = 0 has none); 'change': s_T − u, the refinement's total
-    # change (it replaces the pass-through (1 − β)^T u by −(1 − (1 − β)^T) u)
+    # change (it replaces the pass-through (1 − β)^T u by −(1 − (1 − β)^T) u); 'prediction': m(s_T), the memory's
+    # prediction read out at the refined state (one retrieval more: T + 1 in all). T = 0 is m(u) in every mode but 'change'
     mixer_output: str = "state"
     # a learned absolute position embedding added to the patch tokens, as the ViT's (resampled for other image
     # sizes). False: positions enter only through the local path (the depthwise conv of bank mode, rel_pos)
@@ -105,7 +106,7 @@ class VHMNConfig:
             "global_mod": ("add", "film"),
             "fusion": ("sum", "concat"),
             "window_stored": ("state", "input"),
-            "mixer_output": ("state", "retrieval", "change"),
+            "mixer_output": ("state", "retrieval", "change", "prediction"),
             "pool": ("mean", "attn"),
         }
         for name, allowed in choices.items():
@@ -554,9 +555,10 @@ class MemoryMixer(nn.Module):
             on_step = self._recorder(ctx["record"], hw, kv_l, kv_g, tokens)
         elif self.linear_refinement:
             return self._refine_linear(u, hw, kv_g, tokens)
-        s_T = predictive_coding_refine(
-            u, lambda s: self.predict(s, hw, kv_l, kv_g, tokens), cfg.refine_rate, cfg.refine_steps, on_step
-        )
+        predict = lambda s: self.predict(s, hw, kv_l, kv_g, tokens)  # noqa: E731
+        s_T = predictive_coding_refine(u, predict, cfg.refine_rate, cfg.refine_steps, on_step)
+        if cfg.mixer_output == "prediction" and cfg.refine_steps > 0:
+            return predict(s_T)  # m(s_T): the prediction at the refined state
         return self._output(s_T, u)
 
     def _output(self, s_T: Tensor, u: Tensor) -> Tensor:
@@ -590,6 +592,8 @@ class MemoryMixer(nn.Module):
 
         so W_o is applied once (to the weighted sum of the r_t) instead of at every step, and W_q once to u:
         T + 3 token projections instead of 2T + 2 (T = 2: 5 instead of 6, the ViT's attention has 4).
+        mixer_output='prediction' carries P_t and μ_t through all T steps and returns the readout m(s_T) = W_o r_T + b_o + γ_T
+        instead of the sums (T + 1 retrievals, T + 2 token projections).
         With query_descriptor P_t = W_q D(s_t) + b_q, and D (the depthwise conv) is affine too, so
         P_{t+1} = (1 − β) P_t + β (W_q D(W_o r_t + b_o + γ_t) + b_q): two projections and a conv per step.
         """
@@ -598,17 +602,21 @@ class MemoryMixer(nn.Module):
         p = r.q(loc.query_input(u, hw))  # (B, L, d) P_0 = W_q u + b_q (W_q D(u) + b_q with query_descriptor)
         mu = u.mean(1, keepdim=True) if self.glob is not None else None  # (B, 1, d) μ_0
         bias = loc.window_bias(hw, u.device, u.dtype) if loc.rel_pos is not None and hw[0] * hw[1] <= loc.DENSE_WINDOW_MAX_TOKENS else None
-        W_qo = r.q.weight @ r.o.weight if T > 1 and not loc.query_descriptor else None  # (d, d)
+        readout = cfg.mixer_output == "prediction" and T > 0  # the output is m(s_T): one retrieval more, no sums
+        W_qo = r.q.weight @ r.o.weight if (T > 1 or readout) and not loc.query_descriptor else None  # (d, d)
         acc_r, acc_c = 0, 0
-        for t in range(max(T, 1)):
+        for t in range(T + 1 if readout else max(T, 1)):
             rt = loc.window_values(r.scale_query(p), hw, tokens, bias)  # (B, L, d)
             g = self.glob.retrieval(mu, kv_g, fast=self.glob.fast) if mu is not None else None  # (B, 1, d)
             if T == 0:  # the feed-forward case: m(u)
                 return self._output(r.o(rt) if g is None else r.o(rt) + g, u)
-            w = beta * (1 - beta) ** (T - 1 - t)
+            if t == T:  # readout: m(s_T)
+                return r.o(rt) if g is None else r.o(rt) + g
             c = r.o.bias if g is None else r.o.bias + g  # (d,) or (B, 1, d): b_o + γ_t
-            acc_r, acc_c = acc_r + w * rt, acc_c + w * c
-            if t < T - 1:
+            if not readout:
+                w = beta * (1 - beta) ** (T - 1 - t)
+                acc_r, acc_c = acc_r + w * rt, acc_c + w * c
+            if t < T - 1 or readout:
                 if loc.query_descriptor:  # D is affine: D(s_{t+1}) = (1 − β) D(s_t) + β D(m_t), m_t = W_o r_t + b_o + γ_t
                     p = (1 - beta) * p + beta * r.q(loc.descriptor(F.linear(rt, r.o.weight) + c, hw))
                 else:
