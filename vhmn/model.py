@@ -593,7 +593,7 @@ class MemoryMixer(nn.Module):
         so W_o is applied once (to the weighted sum of the r_t) instead of at every step, and W_q once to u:
         T + 3 token projections instead of 2T + 2 (T = 2: 5 instead of 6, the ViT's attention has 4).
         mixer_output='prediction' carries P_t and μ_t through all T steps and returns the readout m(s_T) = W_o r_T + b_o + γ_T
-        instead of the sums (T + 1 retrievals, T + 2 token projections).
+        instead of the sums (T + 1 retrievals, T + 4 token projections: W_q, one W_q W_o per step, W_o, and the keys and values).
         With query_descriptor P_t = W_q D(s_t) + b_q, and D (the depthwise conv) is affine too, so
         P_{t+1} = (1 − β) P_t + β (W_q D(W_o r_t + b_o + γ_t) + b_q): two projections and a conv per step.
         """
