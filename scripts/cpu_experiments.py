@@ -174,6 +174,10 @@ CANDIDATES[f"{PLAIN}_desc_film"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.global_
 # refined T times before it is read out (T + 1 retrievals; T = 1: two, the cost of the candidate's T = 2).
 CANDIDATES[f"{PLAIN}_desc_pred"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.mixer_output=prediction"]
 CANDIDATES[f"{PLAIN}_desc_pred_T1"] = CANDIDATES[f"{PLAIN}_desc_pred"] + ["model.refine_steps=1"]
+# ... and T = 3, for the robustness chapter's models trained with T = 0..3 (T = 0 is vhmn_vitlike5_pe_desc_scene:
+# at T = 0 the stored neighbours are the block input whatever window_stored says, and every mixer_output but
+# 'change' adds m(u))
+CANDIDATES[f"{PLAIN}_desc_pred_T3"] = CANDIDATES[f"{PLAIN}_desc_pred"] + ["model.refine_steps=3"]
 # The candidate the GPU script trains at the paper-scale width and recipe (scripts/gpu_reproduce.py, call 2): the
 # converged protocol's best V-HMN so far (ch9, "After the choice"): the plainest one with the neighbours' 5×5
 # descriptors as its stored patterns.
@@ -226,16 +230,25 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             vhmn("vhmn_vitlike5_pe_desc_T2", 1), vhmn("vhmn_vitlike5_pe_desc_scene", 1),  # the factorial's second seed
             vhmn("vhmn_vitlike5_pe_desc_scene", 2),  # local and global memory without refinement: +3.1 over two seeds
             vhmn(f"{PLAIN}_desc_pred", 0), vhmn(f"{PLAIN}_desc_pred_T1", 0),  # the readout m(s_T) instead of s_T
-            vhmn(f"{PLAIN}_desc_pred", 1), vhmn(f"{PLAIN}_desc_pred_T1", 1), vhmn(f"{PLAIN}_desc_pred", 2), vhmn(f"{PLAIN}_desc_pred_T1", 2),
+            vhmn(f"{PLAIN}_desc_pred", 1), vhmn(f"{PLAIN}_desc_pred", 2), vhmn(f"{PLAIN}_desc_pred_T3", 0),
+            vhmn(f"{PLAIN}_desc_pred_T1", 1), vhmn(f"{PLAIN}_desc_pred_T1", 2),
             vhmn(f"{PLAIN}_gain", 0),  # the offset gains take the reference path: the slowest of the candidates
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
+
+
+def plan_long20() -> list[tuple[str, str, int, list[str]]]:
+    """The converged protocol on the committed 20 % split (10,000 images, twice the steps): the data curve's next
+    point, the chosen V-HMN and the ViT."""
+    return [(f"{CHOSEN}_s0", "cifar10_frac20_cpulong_vhmn", 0, CANDIDATES[CHOSEN]), ("vit_s0", "cifar10_frac20_cpulong_vit", 0, [])]
 
 
 def plan(only: str | None, protocol: str = "16") -> list[tuple[str, str, int, list[str]]]:
     """(run name, experiment, seed, overrides), most important first."""
     if protocol == "long":
         return plan_long()
+    if protocol == "long20":
+        return plan_long20()
     main = {s: [(f"{m}_s{s}", f"cifar10_frac10_cpu_{m}", s, []) for m in MODELS] for s in range(3)}
     abl = [(name, "cifar10_frac10_cpu_vhmn", 0, ov) for name, ov in ABLATIONS.items()]
     if only == "main":
@@ -308,8 +321,9 @@ def execute(run: str, experiment: str, seed: int, overrides: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (each on one CPU thread)")
-    ap.add_argument("--protocol", choices=("16", "long"), default="16",
-                    help="16: the 16-epoch protocol (results/cpu10); long: the converged one (results/cpu10long)")
+    ap.add_argument("--protocol", choices=("16", "long", "long20"), default="16",
+                    help="16: the 16-epoch protocol (results/cpu10); long: the converged one (results/cpu10long); "
+                         "long20: the converged one on the 20%% split (results/cpu20long)")
     ap.add_argument("--only", choices=("main", "ablations", "curve"), default=None)
     ap.add_argument("--skip", nargs="*", default=[], help="run names not to start (e.g. vhmn_frac100_s0)")
     ap.add_argument("--runs", nargs="*", default=None, help="run only these run names (in the plan's order)")
@@ -317,9 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", default=None, help="HH:MM (UTC): start no run after this time")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
-    global RESULTS, RUNS
-    if args.protocol == "long":
-        RESULTS, RUNS = ROOT / "results" / "cpu10long", ROOT / "runs" / "cpu10long"
+    global RESULTS, RUNS, CHECKPOINT_RUN, EVALUATED
+    if args.protocol in ("long", "long20"):
+        folder = "cpu10long" if args.protocol == "long" else "cpu20long"
+        RESULTS, RUNS = ROOT / "results" / folder, ROOT / "runs" / folder
+        # the converged protocol's checkpoint: the chosen V-HMN, seed 0 (cpu10long/vhmn_s0, the old default's, stays)
+        CHECKPOINT_RUN = f"{CHOSEN}_s0" if args.protocol == "long" else None
+        EVALUATED = (CHECKPOINT_RUN,) if CHECKPOINT_RUN else ()
     todo = [item for item in plan(args.only, args.protocol) if item[0] not in args.skip]
     if args.runs is not None:
         unknown = set(args.runs) - {item[0] for item in todo}
@@ -348,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.workers) as pool:
         for line in pool.map(job, todo):
             print(line, flush=True)
-    for run in EVALUATED:  # completed by an earlier sitting that did not evaluate it
+    for run in EVALUATED:  # completed by an earlier sitting that did not keep its weights or evaluate it
+        if done(run) and run == CHECKPOINT_RUN and not (RESULTS / run / "model-fp16.safetensors").is_file() and (RUNS / run / "model-fp16.safetensors").is_file():
+            shutil.copy2(RUNS / run / "model-fp16.safetensors", RESULTS / run / "model-fp16.safetensors")
         if done(run) and not (RESULTS / run / "eval-cifar10.json").is_file() and (RUNS / run / "model-fp16.safetensors").is_file():
             evaluate(run)
     return 0

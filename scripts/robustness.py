@@ -2,6 +2,7 @@
 
     python scripts/robustness.py                      # after scripts/cpu_experiments.py
     python scripts/robustness.py --images 500 --out results/robustness/cpu10.json
+    python scripts/robustness.py --protocol long      # the converged protocol's chosen V-HMN → results/robustness/cpu10long.json
 
 Two questions, as in the paper's ablation over refinement steps (fact F5 of the book's decisions page):
 
@@ -36,6 +37,13 @@ from vhmn.provenance import collect
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = {0: "vhmn_T0", 1: "vhmn_T1", 2: "vhmn_s0", 3: "vhmn_T3"}
 REFERENCE = "vhmn_s0"  # the committed checkpoint
+GROUP = "cpu10"
+# --protocol long: the converged protocol's chosen V-HMN (scripts/cpu_experiments.py CHOSEN, the readout m(s_T)),
+# trained with T = 0..3 (seed 0). Its T = 0 model is vhmn_vitlike5_pe_desc_scene: at T = 0 the two configs compute the
+# same function (the stored neighbours are the block input either way, and the readout of T = 0 is m(u)).
+LONG = {"trained": {0: "vhmn_vitlike5_pe_desc_scene_s0", 1: "vhmn_window5rpin_wrlv_pe_desc_pred_T1_s0",
+                    2: "vhmn_window5rpin_wrlv_pe_desc_pred_s0", 3: "vhmn_window5rpin_wrlv_pe_desc_pred_T3_s0"},
+        "reference": "vhmn_window5rpin_wrlv_pe_desc_pred_s0", "group": "cpu10long"}
 RECHECK = [("clean", 0), ("gaussian_noise", 3), ("occlusion", 3)]  # conditions whose predictions are stored
 
 
@@ -46,10 +54,11 @@ def eval_slice(images: int, labels: np.ndarray) -> np.ndarray:
 
 
 def weights(run: str) -> Path:
-    for folder in (ROOT / "results" / "cpu10" / run, ROOT / "runs" / "cpu10" / run):
+    for folder in (ROOT / "results" / GROUP / run, ROOT / "runs" / GROUP / run):
         if (folder / "model-fp16.safetensors").is_file():
             return folder / "model-fp16.safetensors"
-    raise FileNotFoundError(f"no fp16 weights for {run} in results/cpu10/ or runs/cpu10/: run scripts/cpu_experiments.py first")
+    raise FileNotFoundError(f"no fp16 weights for {run} in results/{GROUP}/ or runs/{GROUP}/: run scripts/cpu_experiments.py"
+                            f"{' --protocol long' if GROUP == 'cpu10long' else ''} first")
 
 
 def conditions(x: np.ndarray):
@@ -84,8 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=500, help="test images (a multiple of 10: class-balanced)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "results" / "robustness" / "cpu10.json"))
+    ap.add_argument("--protocol", choices=("16", "long"), default="16",
+                    help="16: the 16-epoch default V-HMN (results/cpu10); long: the converged protocol's chosen V-HMN")
+    ap.add_argument("--out", default=None, help="default results/robustness/cpu10.json (cpu10long.json with --protocol long)")
     args = ap.parse_args(argv)
+    global TRAINED, REFERENCE, GROUP
+    if args.protocol == "long":
+        TRAINED, REFERENCE, GROUP = LONG["trained"], LONG["reference"], LONG["group"]
+    args.out = args.out or str(ROOT / "results" / "robustness" / f"{GROUP}.json")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     test_x, test_y = load_arrays("cifar10", "test")
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "conditions": {"corruptions": list(CORRUPTIONS), "severities": [1, 2, 3, 4, 5], "occlusion": "vhmn.corruptions.occlude",
                        "seed": 0, "note": "CIFAR-10-C-style corruptions regenerated locally (vhmn.corruptions), not the released files"},
         "models": {k: {"run": run, "weights": str(weights(run).relative_to(ROOT)), "refine_steps": models[k].cfg.refine_steps,
-                       "trained_refine_steps": json.loads((ROOT / "results" / "cpu10" / run / "results.json").read_text())["model"]["config"]["refine_steps"]}
+                       "trained_refine_steps": json.loads((ROOT / "results" / GROUP / run / "results.json").read_text())["model"]["config"]["refine_steps"]}
                    for k, (run, _) in settings.items()},
         "accuracy": acc,  # setting → condition → [clean at index 0 for "clean"; severities 1..5 at 1..5]
         "reference_predictions": {"setting": "trained_T2", "run": REFERENCE, "predictions": stored},

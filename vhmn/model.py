@@ -303,15 +303,25 @@ class LocalHopfield(nn.Module):
         r = self.retrieval
         return r.o(self.window_values(r.query(self.query_input(s, hw)), hw, self._kv(s, hw, tokens)))
 
+    def head_tokens(self, tokens: tuple[Tensor, Tensor], hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The neighbours' keys and values (B, L, d) in the dense path's layout, (B, h, L, e) each and contiguous,
+        so that refinement steps that share them copy them once (given already so, or on a grid the unfold path
+        takes: unchanged)."""
+        if tokens[0].ndim == 4 or hw[0] * hw[1] > self.DENSE_WINDOW_MAX_TOKENS:
+            return tokens
+        return tuple(rearrange(t, "b l (h e) -> b h l e", h=self.retrieval.heads).contiguous() for t in tokens)
+
     def window_values(self, q: Tensor, hw: tuple[int, int], tokens: tuple[Tensor, Tensor], bias: Tensor | None = None) -> Tensor:
         """The window retrieval before the output projection: queries q (B, L, d) (already scaled, see
         ``HopfieldRetrieval.scale_query``), the neighbours' keys and values ``tokens`` (B, L, d) each →
-        ``softmax(β_H q Kᵀ + b) V`` (B, L, d), heads concatenated. bias: :meth:`window_bias`, if already built.
+        ``softmax(β_H q Kᵀ + b) V`` (B, L, d), heads concatenated (keys and values may come as (B, h, L, e), from
+        :meth:`head_tokens`). bias: :meth:`window_bias`, if already built.
         Dense over the L tokens (masked to the window) on small grids, by unfold on larger ones."""
         r = self.retrieval
         if hw[0] * hw[1] > self.DENSE_WINDOW_MAX_TOKENS:
             return self._unfold_values(q, hw, tokens)
-        q, k, v = (rearrange(t, "b l (h e) -> b h l e", h=r.heads) for t in (q, *tokens))  # (B, h, L, e) each
+        q = rearrange(q, "b l (h e) -> b h l e", h=r.heads)  # (B, h, L, e)
+        k, v = self.head_tokens(tokens, hw)  # (B, h, L, e) each
         if self.rel_pos is None:  # a boolean mask: the fused attention kernel
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.neighbourhood_mask(hw, q.device), scale=r.scale)
         else:  # a learned float bias: one matrix product and a softmax beat the kernel's float-mask path on CPU
@@ -604,6 +614,7 @@ class MemoryMixer(nn.Module):
         bias = loc.window_bias(hw, u.device, u.dtype) if loc.rel_pos is not None and hw[0] * hw[1] <= loc.DENSE_WINDOW_MAX_TOKENS else None
         readout = cfg.mixer_output == "prediction" and T > 0  # the output is m(s_T): one retrieval more, no sums
         W_qo = r.q.weight @ r.o.weight if (T > 1 or readout) and not loc.query_descriptor else None  # (d, d)
+        tokens = loc.head_tokens(tokens, hw)  # the fixed keys and values in the heads' layout, once for all steps
         acc_r, acc_c = 0, 0
         for t in range(T + 1 if readout else max(T, 1)):
             rt = loc.window_values(r.scale_query(p), hw, tokens, bias)  # (B, L, d)
