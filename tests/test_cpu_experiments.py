@@ -40,3 +40,18 @@ def test_longest_first_lists_the_plan_in_order_of_estimated_wall_time(ce, capsys
     assert sorted(names) == sorted(items)  # every run of the plan, once
     costs = [ce.cost(items[n]) for n in names]
     assert costs == sorted(costs, reverse=True)
+
+
+def test_the_20_percent_protocol_is_the_10_percent_one_on_the_20_percent_split(ce):
+    """--protocol long20: the chosen V-HMN and the ViT, seed 0, with the converged protocol's experiments but for the
+    split (the committed stratified 20 %: 10,000 images); their results go to results/cpu20long."""
+    from vhmn.experiments import load_experiment
+
+    items = ce.plan(None, "long20")
+    assert [(run, seed) for run, _, seed, _ in items] == [(f"{ce.CHOSEN}_s0", 0), ("vit_s0", 0)]
+    assert items[0][3] == ce.CANDIDATES[ce.CHOSEN] and items[1][3] == []
+    for run, experiment, _, _ in items:
+        twenty, ten = load_experiment(experiment), load_experiment(experiment.replace("frac20", "frac10"))
+        assert twenty["subset"] == "cifar10_frac20" and ten["subset"] == "cifar10_frac10"
+        assert {k: v for k, v in twenty.items() if k not in ("subset", "description", "name")} == \
+               {k: v for k, v in ten.items() if k not in ("subset", "description", "name")}
