@@ -178,6 +178,9 @@ CANDIDATES[f"{PLAIN}_desc_pred_T1"] = CANDIDATES[f"{PLAIN}_desc_pred"] + ["model
 # at T = 0 the stored neighbours are the block input whatever window_stored says, and every mixer_output but
 # 'change' adds m(u))
 CANDIDATES[f"{PLAIN}_desc_pred_T3"] = CANDIDATES[f"{PLAIN}_desc_pred"] + ["model.refine_steps=3"]
+# T = 0 of the same config, trained again because the committed vhmn_vitlike5_pe_desc_scene_s0 left no weights in
+# this checkout: the robustness chapter evaluates the weights (and it is a fourth T = 0 sample of seed 0)
+CANDIDATES[f"{PLAIN}_desc_pred_T0"] = CANDIDATES[f"{PLAIN}_desc_pred"] + ["model.refine_steps=0"]
 # The candidate the GPU script trains at the paper-scale width and recipe (scripts/gpu_reproduce.py, call 2): the
 # converged protocol's best V-HMN so far (ch9, "After the choice"): the plainest one with the neighbours' 5×5
 # descriptors as its stored patterns.
@@ -230,7 +233,7 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             vhmn("vhmn_vitlike5_pe_desc_T2", 1), vhmn("vhmn_vitlike5_pe_desc_scene", 1),  # the factorial's second seed
             vhmn("vhmn_vitlike5_pe_desc_scene", 2),  # local and global memory without refinement: +3.1 over two seeds
             vhmn(f"{PLAIN}_desc_pred", 0), vhmn(f"{PLAIN}_desc_pred_T1", 0),  # the readout m(s_T) instead of s_T
-            vhmn(f"{PLAIN}_desc_pred", 1), vhmn(f"{PLAIN}_desc_pred", 2), vhmn(f"{PLAIN}_desc_pred_T3", 0),
+            vhmn(f"{PLAIN}_desc_pred", 1), vhmn(f"{PLAIN}_desc_pred", 2), vhmn(f"{PLAIN}_desc_pred_T3", 0), vhmn(f"{PLAIN}_desc_pred_T0", 0),
             vhmn(f"{PLAIN}_desc_pred_T1", 1), vhmn(f"{PLAIN}_desc_pred_T1", 2),
             vhmn(f"{PLAIN}_gain", 0),  # the offset gains take the reference path: the slowest of the candidates
             vit_lr["5e-4"], vhmn("vhmn_windowrpin_wrlv", 0), vhmn("vhmn_wrlv", 0),

@@ -39,9 +39,8 @@ TRAINED = {0: "vhmn_T0", 1: "vhmn_T1", 2: "vhmn_s0", 3: "vhmn_T3"}
 REFERENCE = "vhmn_s0"  # the committed checkpoint
 GROUP = "cpu10"
 # --protocol long: the converged protocol's chosen V-HMN (scripts/cpu_experiments.py CHOSEN, the readout m(s_T)),
-# trained with T = 0..3 (seed 0). Its T = 0 model is vhmn_vitlike5_pe_desc_scene: at T = 0 the two configs compute the
-# same function (the stored neighbours are the block input either way, and the readout of T = 0 is m(u)).
-LONG = {"trained": {0: "vhmn_vitlike5_pe_desc_scene_s0", 1: "vhmn_window5rpin_wrlv_pe_desc_pred_T1_s0",
+# trained with T = 0..3 (seed 0), the same config but for refine_steps.
+LONG = {"trained": {0: "vhmn_window5rpin_wrlv_pe_desc_pred_T0_s0", 1: "vhmn_window5rpin_wrlv_pe_desc_pred_T1_s0",
                     2: "vhmn_window5rpin_wrlv_pe_desc_pred_s0", 3: "vhmn_window5rpin_wrlv_pe_desc_pred_T3_s0"},
         "reference": "vhmn_window5rpin_wrlv_pe_desc_pred_s0", "group": "cpu10long"}
 RECHECK = [("clean", 0), ("gaussian_noise", 3), ("occlusion", 3)]  # conditions whose predictions are stored
