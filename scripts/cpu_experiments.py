@@ -174,9 +174,7 @@ CANDIDATES[f"{PLAIN}_desc_film"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.global_
 # refined T times before it is read out (T + 1 retrievals; T = 1: two, the cost of the candidate's T = 2).
 CANDIDATES[f"{PLAIN}_desc_pred"] = CANDIDATES[f"{PLAIN}_desc"] + ["model.mixer_output=prediction"]
 CANDIDATES[f"{PLAIN}_desc_pred_T1"] = CANDIDATES[f"{PLAIN}_desc_pred"] + ["model.refine_steps=1"]
-# ... and T = 3, for the robustness chapter's models trained with T = 0..3 (T = 0 is vhmn_vitlike5_pe_desc_scene:
-# at T = 0 the stored neighbours are the block input whatever window_stored says, and every mixer_output but
-# 'change' adds m(u))
+# ... and T = 3, for the robustness chapter's models trained with T = 0..3 (T = 0 below)
 CANDIDATES[f"{PLAIN}_desc_pred_T3"] = CANDIDATES[f"{PLAIN}_desc_pred"] + ["model.refine_steps=3"]
 # T = 0 of the same config, trained again because the committed vhmn_vitlike5_pe_desc_scene_s0 left no weights in
 # this checkout: the robustness chapter evaluates the weights (and it is a fourth T = 0 sample of seed 0)

@@ -619,10 +619,9 @@ class MemoryMixer(nn.Module):
         for t in range(T + 1 if readout else max(T, 1)):
             rt = loc.window_values(r.scale_query(p), hw, tokens, bias)  # (B, L, d)
             g = self.glob.retrieval(mu, kv_g, fast=self.glob.fast) if mu is not None else None  # (B, 1, d)
-            if T == 0:  # the feed-forward case: m(u)
-                return self._output(r.o(rt) if g is None else r.o(rt) + g, u)
-            if t == T:  # readout: m(s_T)
-                return r.o(rt) if g is None else r.o(rt) + g
+            if t == T:  # the prediction itself: m(u) at T = 0 (the feed-forward case), else the readout m(s_T)
+                m = r.o(rt) if g is None else r.o(rt) + g
+                return m if readout else self._output(m, u)
             c = r.o.bias if g is None else r.o.bias + g  # (d,) or (B, 1, d): b_o + γ_t
             if not readout:
                 w = beta * (1 - beta) ** (T - 1 - t)
