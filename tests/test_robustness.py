@@ -1,0 +1,40 @@
+"""scripts/robustness.py's pieces: the class-balanced evaluation slice, and switching a trained model's
+refinement steps at test time (the "one model evaluated with T" half of chapter 10)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vhmn
+from _slice import load_script
+
+
+@pytest.fixture(scope="module")
+def rb():
+    return load_script("scripts/robustness.py", "robustness_under_test")
+
+
+def test_eval_slice_is_the_first_images_of_every_class_in_test_order(rb):
+    labels = np.random.default_rng(0).integers(0, 10, size=2000)
+    idx = rb.eval_slice(500, labels)
+    assert np.bincount(labels[idx], minlength=10).tolist() == [50] * 10
+    assert (np.diff(idx) > 0).all()  # sorted, no repeats
+    for c in range(10):
+        assert set(idx[labels[idx] == c]) == set(np.flatnonzero(labels == c)[:50])
+
+
+@pytest.mark.parametrize("mixer_output", ["state", "prediction"])
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_with_steps_equals_a_model_built_with_those_steps(rb, steps, mixer_output):
+    torch.manual_seed(0)
+    trained = vhmn.create_model("vhmn_test", refine_steps=2, mixer_output=mixer_output).eval()
+    built = vhmn.create_model("vhmn_test", refine_steps=steps, mixer_output=mixer_output).eval()
+    built.load_state_dict(trained.state_dict())  # the weights do not depend on refine_steps
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = trained(x)
+        rb.with_steps(trained, steps)
+        assert trained.cfg.refine_steps == steps
+        torch.testing.assert_close(trained(x), built(x))
+        assert not torch.allclose(before, built(x))  # the steps change the output, so the check above has teeth
