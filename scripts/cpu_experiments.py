@@ -9,6 +9,8 @@
     python scripts/cpu_experiments.py --protocol long      # the converged protocol (width 64, 100 epochs) into
                                                          # results/cpu10long: the ViT's budget curve and the
                                                          # memory-mixer candidates (CANDIDATES below)
+    python scripts/cpu_experiments.py --protocol long20    # ... on the 20% split (results/cpu20long)
+    python scripts/cpu_experiments.py --protocol longlt    # ... on the long-tailed split (results/cpult100long)
 
 Every run is ``python -m vhmn.train <experiment> seed=S [model overrides] --out runs/cpu10/<run>`` with the
 experiment configs ``cifar10_frac10_cpu_*`` (recipe ``_cpu10``: the committed stratified 10% split, the full
@@ -238,18 +240,25 @@ def plan_long() -> list[tuple[str, str, int, list[str]]]:
             vhmn("vhmn_qkn", 0), vhmn("vhmn_windowrpin", 0), vit[25], vhmn("vhmn_hybridrpin", 0), vhmn("vhmn_window", 0)]
 
 
-def plan_long20() -> list[tuple[str, str, int, list[str]]]:
-    """The converged protocol on the committed 20 % split (10,000 images, twice the steps): the data curve's next
-    point, the chosen V-HMN and the ViT."""
-    return [(f"{CHOSEN}_s0", "cifar10_frac20_cpulong_vhmn", 0, CANDIDATES[CHOSEN]), ("vit_s0", "cifar10_frac20_cpulong_vit", 0, [])]
+def plan_split(split: str, seeds: tuple[int, ...] = (0, 1, 2)) -> list[tuple[str, str, int, list[str]]]:
+    """The converged protocol on another committed split (cifar10_<split>_cpulong_*): the chosen V-HMN and the ViT,
+    seed by seed. frac20 (10,000 images, twice the 10 % split's steps) is the data curve's next point; lt100 (12,408
+    images, imbalance 100) the long-tailed setting."""
+    return [item for seed in seeds for item in ((f"{CHOSEN}_s{seed}", f"cifar10_{split}_cpulong_vhmn", seed, CANDIDATES[CHOSEN]),
+                                                (f"vit_s{seed}", f"cifar10_{split}_cpulong_vit", seed, []))]
+
+
+# --protocol → (results/ and runs/ folder, the converged protocol's split or None for the 16-epoch one)
+PROTOCOLS = {"16": ("cpu10", None), "long": ("cpu10long", "frac10"), "long20": ("cpu20long", "frac20"),
+             "longlt": ("cpult100long", "lt100")}
 
 
 def plan(only: str | None, protocol: str = "16") -> list[tuple[str, str, int, list[str]]]:
     """(run name, experiment, seed, overrides), most important first."""
     if protocol == "long":
         return plan_long()
-    if protocol == "long20":
-        return plan_long20()
+    if protocol in ("long20", "longlt"):
+        return plan_split(PROTOCOLS[protocol][1])
     main = {s: [(f"{m}_s{s}", f"cifar10_frac10_cpu_{m}", s, []) for m in MODELS] for s in range(3)}
     abl = [(name, "cifar10_frac10_cpu_vhmn", 0, ov) for name, ov in ABLATIONS.items()]
     if only == "main":
@@ -322,9 +331,10 @@ def execute(run: str, experiment: str, seed: int, overrides: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (each on one CPU thread)")
-    ap.add_argument("--protocol", choices=("16", "long", "long20"), default="16",
+    ap.add_argument("--protocol", choices=tuple(PROTOCOLS), default="16",
                     help="16: the 16-epoch protocol (results/cpu10); long: the converged one (results/cpu10long); "
-                         "long20: the converged one on the 20%% split (results/cpu20long)")
+                         "long20: the converged one on the 20%% split (results/cpu20long); longlt: on the long-tailed "
+                         "split (results/cpult100long)")
     ap.add_argument("--only", choices=("main", "ablations", "curve"), default=None)
     ap.add_argument("--skip", nargs="*", default=[], help="run names not to start (e.g. vhmn_frac100_s0)")
     ap.add_argument("--runs", nargs="*", default=None, help="run only these run names (in the plan's order)")
@@ -333,12 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     global RESULTS, RUNS, CHECKPOINT_RUN, EVALUATED
-    if args.protocol in ("long", "long20"):
-        folder = "cpu10long" if args.protocol == "long" else "cpu20long"
+    if args.protocol != "16":
+        folder = PROTOCOLS[args.protocol][0]
         RESULTS, RUNS = ROOT / "results" / folder, ROOT / "runs" / folder
         # the converged protocol's checkpoint: the chosen V-HMN, seed 0 (cpu10long/vhmn_s0, the old default's, stays)
         CHECKPOINT_RUN = f"{CHOSEN}_s0" if args.protocol == "long" else None
         EVALUATED = (CHECKPOINT_RUN,) if CHECKPOINT_RUN else ()
+        if args.protocol == "longlt":  # the long-tailed runs' per-class accuracy (eval-cifar10.json), seed 0
+            EVALUATED = (f"{CHOSEN}_s0", "vit_s0")
     todo = [item for item in plan(args.only, args.protocol) if item[0] not in args.skip]
     if args.runs is not None:
         unknown = set(args.runs) - {item[0] for item in todo}
@@ -355,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None
     if args.deadline:
         h, m = map(int, args.deadline.split(":"))
-        deadline = dt.datetime.now(dt.timezone.utc).replace(hour=h, minute=m, second=0, microsecond=0)
+        now = dt.datetime.now(dt.timezone.utc)
+        deadline = now.replace(hour=h, minute=m, second=0, microsecond=0)
+        if deadline < now - dt.timedelta(hours=1):  # a time more than an hour ago is the next day's (23:40 → 01:30)
+            deadline += dt.timedelta(days=1)
 
     def job(item):
         if done(item[0]):

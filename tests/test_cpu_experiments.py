@@ -42,16 +42,37 @@ def test_longest_first_lists_the_plan_in_order_of_estimated_wall_time(ce, capsys
     assert costs == sorted(costs, reverse=True)
 
 
-def test_the_20_percent_protocol_is_the_10_percent_one_on_the_20_percent_split(ce):
-    """--protocol long20: the chosen V-HMN and the ViT, seed 0, with the converged protocol's experiments but for the
-    split (the committed stratified 20 %: 10,000 images); their results go to results/cpu20long."""
+@pytest.mark.parametrize("protocol, split, subset", [("long20", "frac20", "cifar10_frac20"), ("longlt", "lt100", "cifar10_lt100")])
+def test_the_split_protocols_are_the_10_percent_one_on_another_split(ce, protocol, split, subset):
+    """--protocol long20 / longlt: the chosen V-HMN and the ViT, seeds 0, 1, 2 in that order, with the converged
+    protocol's experiments but for the split (the stratified 20 %: 10,000 images; the long-tailed: 12,408)."""
     from vhmn.experiments import load_experiment
 
-    items = ce.plan(None, "long20")
-    assert [(run, seed) for run, _, seed, _ in items] == [(f"{ce.CHOSEN}_s0", 0), ("vit_s0", 0)]
-    assert items[0][3] == ce.CANDIDATES[ce.CHOSEN] and items[1][3] == []
+    items = ce.plan(None, protocol)
+    assert [(run, seed) for run, _, seed, _ in items] == [(name, s) for s in range(3) for name in (f"{ce.CHOSEN}_s{s}", f"vit_s{s}")]
+    assert all(ov == (ce.CANDIDATES[ce.CHOSEN] if run.startswith(ce.CHOSEN) else []) for run, _, _, ov in items)
+    assert ce.PROTOCOLS[protocol][1] == split
     for run, experiment, _, _ in items:
-        twenty, ten = load_experiment(experiment), load_experiment(experiment.replace("frac20", "frac10"))
-        assert twenty["subset"] == "cifar10_frac20" and ten["subset"] == "cifar10_frac10"
-        assert {k: v for k, v in twenty.items() if k not in ("subset", "description", "name")} == \
+        other, ten = load_experiment(experiment), load_experiment(experiment.replace(split, "frac10"))
+        assert other["subset"] == subset and ten["subset"] == "cifar10_frac10"
+        assert {k: v for k, v in other.items() if k not in ("subset", "description", "name")} == \
                {k: v for k, v in ten.items() if k not in ("subset", "description", "name")}
+
+
+def test_a_deadline_earlier_in_the_day_is_the_next_days(ce, monkeypatch, capsys):
+    """--deadline 01:30 given at 23:40 means 01:30 of the next day: the runs start; one just passed stops them."""
+    import datetime as dt
+
+    class Clock(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2026, 12, 7, 23, 40, tzinfo=dt.timezone.utc)
+
+    monkeypatch.setattr(ce.dt, "datetime", Clock)
+    started = []
+    monkeypatch.setattr(ce, "execute", lambda run, *a: started.append(run) or f"{run}: ran")
+    monkeypatch.setattr(ce, "done", lambda run: False)
+    first = ce.plan(None, "longlt")[0][0]
+    assert ce.main(["--protocol", "longlt", "--runs", first, "--deadline", "01:30"]) == 0 and started == [first]
+    assert ce.main(["--protocol", "longlt", "--runs", first, "--deadline", "23:30"]) == 0 and started == [first]
+    assert "not started (deadline 23:30 UTC passed)" in capsys.readouterr().out
