@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from einops import rearrange
 from torch.testing import assert_close
 
 from vhmn import create_model
@@ -565,3 +566,94 @@ def test_query_descriptor_starts_as_the_token_query_and_lets_the_query_see_its_n
     t = s.clone()
     t[0, centre + 2] += 1.0  # two columns away: outside the query's 3×3 descriptor
     assert_close(qd(t, hw, None, tokens)[0, centre], qd(s, hw, None, tokens)[0, centre])
+
+
+CHOSEN_LIKE = dict(local_mode="window", rel_pos=True, kernel_size=5, pos_embed=True, window_stored="input",
+                   write_after_read=True, global_label_values=True, window_descriptor=True)
+
+
+@pytest.mark.parametrize("kw", [dict(CHOSEN_LIKE), dict(CHOSEN_LIKE, window_self=False, qk_norm=True, query_descriptor=True),
+                                dict(local_mode="window", kernel_size=3)])
+def test_window_association_is_the_weights_of_the_window_retrieval(kw):
+    """window_association (B, h, L, k²): rows sum to 1, neighbours outside the grid (and the token itself with
+    window_self=False) get 0, and the weights times the neighbours' values are the window retrieval before W_o."""
+    torch.manual_seed(0)
+    loc = create_model("vhmn_test", **kw).double().stages[0][0].mixer.local
+    with torch.no_grad():
+        if loc.rel_pos is not None:
+            loc.rel_pos.normal_()
+        if hasattr(loc, "neigh"):
+            loc.neigh.weight.normal_(0, 0.3)
+    hw, k = (8, 8), loc.k
+    s = torch.randn(2, 64, loc.retrieval.q.in_features, dtype=torch.float64)
+    with torch.no_grad():
+        p = loc.window_association(s, hw)  # (B, h, L, k²)
+        tokens = loc._kv(s, hw)
+        ref = loc._unfold_values(loc.retrieval.query(loc.query_input(s, hw)), hw, tokens)  # (B, L, d)
+    B, h, L, kk = p.shape
+    assert (B, L, kk) == (2, 64, k * k) and h == loc.retrieval.heads
+    assert_close(p.sum(-1), torch.ones(B, h, L, dtype=torch.float64))
+    r = k // 2
+    corner = p[:, :, 0].reshape(B, h, k, k)  # token (0, 0): only the offsets dy, dx ≥ 0 lie inside the grid
+    assert (corner[:, :, :r] == 0).all() and (corner[:, :, :, :r] == 0).all()
+    inside = corner[:, :, r:, r:].flatten(2)  # the centre (the token itself) first
+    if kw.get("window_self", True):
+        assert (inside > 0).all()
+    else:
+        assert (p[..., (k * k) // 2] == 0).all() and (inside[..., 1:] > 0).all()
+    values = loc._neighbours(tokens[1], hw)  # (B·L, h, k², e)
+    out = torch.einsum("qhk,qhke->qhe", rearrange(p, "b h l k -> (b l) h k"), values)
+    assert_close(rearrange(out, "(b l) h e -> b l (h e)", b=B), ref)
+
+
+def test_inspect_records_the_readout_of_the_prediction_output():
+    """mixer_output='prediction': the recorder keeps the T refinement steps and, apart, the readout m(s_T), the
+    retrieval the block adds; with β = 1 and T = 1, s_1 = m(u), so the readout is the retrieval at m(u)."""
+    torch.manual_seed(0)
+    model = create_model("vhmn_test", **CHOSEN_LIKE, mixer_output="prediction", refine_steps=1, refine_rate=1.0).double().eval()
+    mixer = model.stages[0][0].mixer
+    hw = (8, 8)
+    u = torch.randn(2, 64, mixer.local.retrieval.q.in_features, dtype=torch.float64)
+    record: list = []
+    with torch.no_grad():
+        out = mixer._refine(u, hw, {"record": record})
+        kv_g, tokens = mixer.glob.project_memory(), mixer.local.stored_tokens(u, hw)
+        s1 = mixer.predict(u, hw, None, kv_g, tokens)
+        assert_close(out, mixer.predict(s1, hw, None, kv_g, tokens))
+        assert_close(out, mixer(u, hw))  # the fast path, which records nothing, agrees
+        readout, steps = record[0]["readout"], record[0]["steps"]
+        assert len(steps) == 1 and set(readout) == {"pred_error", "window_assoc", "global_assoc"}
+        assert_close(readout["window_assoc"], mixer.local.window_association(s1, hw, tokens).mean(1))
+        assert_close(steps[0]["window_assoc"], mixer.local.window_association(u, hw, tokens).mean(1))
+        assert_close(readout["global_assoc"], mixer.glob.retrieval.association(s1.mean(1, keepdim=True), kv_g).mean(1)[:, 0])
+        assert_close(readout["pred_error"], (out - s1).norm(dim=-1).mean(-1))
+    full = model.inspect(torch.randn(2, 3, 32, 32, dtype=torch.float64))["blocks"]
+    assert all("readout" in b and len(b["steps"]) == 1 and b["steps"][0]["window_assoc"].shape == (2, 64, 25) for b in full)
+    state = create_model("vhmn_test", **CHOSEN_LIKE, refine_steps=2).eval().inspect(torch.randn(1, 3, 32, 32))["blocks"]
+    assert all("readout" not in b and len(b["steps"]) == 2 for b in state)  # the state output s_T: no readout
+
+
+def test_write_memory_fills_the_banks_without_training():
+    """write_memory(x, index, labels): the scene banks then hold x's provenance (the last `slots` images, FIFO),
+    no parameter changes, the mode is restored, and what is predicted depends on what is stored."""
+    torch.manual_seed(0)
+    model = create_model("vhmn_test", **CHOSEN_LIKE, mixer_output="prediction", global_slots=8).eval()
+    params = {n: p.clone() for n, p in model.named_parameters()}
+    x, probe = torch.randn(12, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    index, labels = torch.arange(100, 112), torch.arange(12) % 10
+    with torch.no_grad():
+        before = model(probe)
+    model.write_memory(x, index=index, labels=labels)
+    assert not model.training
+    for mixer in (blk.mixer for stage in model.stages for blk in stage):
+        prov = mixer.glob.memory.provenance()
+        assert sorted(prov["index"].tolist()) == list(range(104, 112))  # 12 written into 8 slots: the last 8 stay
+        assert_close(prov["label"], (prov["index"] - 100) % 10)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert not torch.allclose(model(probe), before)
+    model.train()
+    model.write_memory(x[:2])
+    assert model.training and all(blk.mixer.training for stage in model.stages for blk in stage)
+    with pytest.raises(ValueError, match="shape"):
+        model.write_memory(torch.randn(2, 32, 32))

@@ -457,6 +457,16 @@ class LocalHopfield(nn.Module):
             return p, p.sum(-1)
         return None
 
+    def window_association(self, s: Tensor, hw: tuple[int, int], tokens=None) -> Tensor:
+        """Inspection, window mode: each token's association over its k×k neighbours (B, h, L, k²), offsets in
+        row-major order ((dy, dx) → (dy + r)·k + dx + r, r = k // 2), computed the readable way (unfold). Rows sum to
+        1; a neighbour outside the grid (or the token itself with window_self=False) has weight 0."""
+        r, B = self.retrieval, s.shape[0]
+        q = rearrange(r.query(self.query_input(s, hw)), "b l (h e) -> (b l) h e", h=r.heads)
+        logits = r.scale * torch.einsum("qhe,qhke->qhk", q, self._neighbours(self._kv(s, hw, tokens)[0], hw))
+        logits = logits + self._unfold_bias(hw, s.device, q.dtype)[:, :, 0, :].repeat(B, 1, 1)  # (B·L, h, k²)
+        return rearrange(torch.softmax(logits, dim=-1), "(b l) h k -> b h l k", b=B)
+
     def write(self, s: Tensor, hw: tuple[int, int], ctx: dict) -> None:
         """Write ``local_writes`` random tokens of this batch (detached): their descriptors in 'bank' mode,
         their states in 'hybrid' mode."""
@@ -568,7 +578,10 @@ class MemoryMixer(nn.Module):
         predict = lambda s: self.predict(s, hw, kv_l, kv_g, tokens)  # noqa: E731
         s_T = predictive_coding_refine(u, predict, cfg.refine_rate, cfg.refine_steps, on_step)
         if cfg.mixer_output == "prediction" and cfg.refine_steps > 0:
-            return predict(s_T)  # m(s_T): the prediction at the refined state
+            m = predict(s_T)  # m(s_T): the prediction at the refined state
+            if on_step is not None:
+                on_step(cfg.refine_steps, s_T, m, readout=True)
+            return m
         return self._output(s_T, u)
 
     def _output(self, s_T: Tensor, u: Tensor) -> Tensor:
@@ -636,19 +649,25 @@ class MemoryMixer(nn.Module):
         return self._output((1 - beta) ** T * u + F.linear(acc_r, r.o.weight) + acc_c, u)
 
     def _recorder(self, record: list, hw, kv_l, kv_g, tokens=None):
-        """Inspection: per refinement step, the associations and the prediction error."""
+        """Inspection: per refinement step, the associations and the prediction error; with
+        mixer_output='prediction', the readout m(s_T) too (``entry["readout"]``, the retrieval the block adds)."""
         entry = {"hw": hw, "steps": []}
         record.append(entry)
 
-        def on_step(t: int, z: Tensor, m: Tensor) -> None:
+        def on_step(t: int, z: Tensor, m: Tensor, readout: bool = False) -> None:
             step = {"pred_error": (m - z).norm(dim=-1).mean(-1).detach()}  # (B,)
             if self.local is not None and self.local.mode != "window":
                 p, share = self.local.bank_association(z, hw, kv_l, tokens)  # (B, h, L, N), (B, h, L)
                 step["local_assoc"] = p.mean(1).detach()  # (B, L, N)
                 step["local_bank_share"] = share.mean(1).detach()  # (B, L): 1 in bank mode
+            if self.local is not None and self.local.mode == "window":
+                step["window_assoc"] = self.local.window_association(z, hw, tokens).mean(1).detach()  # (B, L, k²)
             if self.glob is not None:
                 step["global_assoc"] = self.glob.retrieval.association(z.mean(1, keepdim=True), kv_g).mean(1)[:, 0].detach()
-            entry["steps"].append(step)
+            if readout:
+                entry["readout"] = step
+            else:
+                entry["steps"].append(step)
 
         return on_step
 
@@ -815,9 +834,12 @@ class VHMN(nn.Module):
         """Run in eval mode and return logits and, per block, what the memories retrieved.
 
         Returns ``{"logits": (B, C), "blocks": [...]}``; each block entry has ``stage``, ``hw`` and
-        ``steps`` (one per refinement step: ``pred_error`` (B,), ``local_assoc`` (B, L, N_local),
-        ``global_assoc`` (B, N_global)), plus ``local_top``/``global_top``: the top-k slots of the
-        last step and their provenance (dataset index, token position, label).
+        ``steps`` (one per refinement step: ``pred_error`` (B,), ``local_assoc`` (B, L, N_local) in bank and
+        hybrid mode, ``window_assoc`` (B, L, k²) in window mode (the weight of each neighbour offset, see
+        ``LocalHopfield.window_association``), ``global_assoc`` (B, N_global)), plus ``local_top``/``global_top``:
+        the top-k slots of the last step and their provenance (dataset index, token position, label). With
+        mixer_output='prediction' (and T > 0), ``readout`` holds the same fields for the readout m(s_T), the
+        retrieval the block adds to the residual stream.
         """
         was_training = self.training
         self.eval()
@@ -838,6 +860,23 @@ class VHMN(nn.Module):
                     prov = mod.memory.provenance()
                     entry[f"{key}_top"] = {"weight": w, "slot": slot, **{k: v[slot] for k, v in prov.items()}}
         return {"logits": logits, "blocks": record}
+
+    @torch.no_grad()
+    def write_memory(self, x: Tensor, index: Tensor | None = None, labels: Tensor | None = None) -> None:
+        """Write the episodic banks from the images ``x`` (B, 3, H, W) as a training step would (each block writes
+        its input's features, with ``index`` and ``labels`` as their provenance), without training: no gradients,
+        the other layers in eval mode (no drop path). A probe of what the stored patterns do: fill the banks with
+        other images, or one class's, and predict again (chapter 11)."""
+        self.check_input(x)
+        was_training = self.training
+        self.eval()
+        try:
+            for stage in self.stages:
+                for blk in stage:
+                    blk.mixer.train()  # the mixer writes in training mode; nothing in it behaves otherwise
+            self.forward_features(x, self._write_context(x, index, labels))
+        finally:
+            self.train(was_training)
 
     def memory_banks(self) -> dict[str, nn.Module]:
         """Every memory bank by module name."""
