@@ -31,7 +31,8 @@ import torch
 
 from vhmn.checkpoint import load_pretrained
 from vhmn.corruptions import CORRUPTIONS, corrupt, occlude
-from vhmn.data import DATASETS, load_arrays
+from vhmn.data import load_arrays
+from vhmn.evaluate import predict_arrays
 from vhmn.provenance import collect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,17 +71,6 @@ def conditions(x: np.ndarray):
         yield "occlusion", s, occlude(x, s, seed=0)
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    info = DATASETS["cifar10"]
-    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
-    out = []
-    for s in range(0, len(x), 250):
-        t = (torch.from_numpy(x[s:s + 250]).float().div(255).permute(0, 3, 1, 2) - mean) / std
-        out.append(model(t).argmax(-1))
-    return torch.cat(out).numpy()
-
-
 def with_steps(model, steps: int):
     for m in model.modules():
         if hasattr(m, "cfg") and hasattr(m.cfg, "refine_steps"):
@@ -116,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     stored: dict[str, list[int]] = {}
     for name, sev, xc in conditions(x):
         for key, m in models.items():
-            pred = predict(m, xc)
+            pred = predict_arrays(m, xc)
             acc[key].setdefault(name, [None] * 6)[sev] = float((pred == y).mean())
             if key == "trained_T2" and (name, sev) in RECHECK:
                 stored[f"{name}/{sev}"] = pred.tolist()

@@ -38,3 +38,30 @@ def test_with_steps_equals_a_model_built_with_those_steps(rb, steps, mixer_outpu
         assert trained.cfg.refine_steps == steps
         torch.testing.assert_close(trained(x), built(x))
         assert not torch.allclose(before, built(x))  # the steps change the output, so the check above has teeth
+
+
+def test_predict_arrays_normalises_like_the_loader_and_predicts_in_eval_mode():
+    """vhmn.evaluate.predict_arrays (the robustness script's and chapters 10-11's prediction): uint8 (n, H, W, 3)
+    → normalised by the dataset's mean and std, as the training loader does; the model's argmax in eval mode,
+    whatever the batch size; the mode is restored; anything but uint8 images is refused with a hint."""
+    from vhmn.data import DATASETS
+    from vhmn.evaluate import normalize_images, predict_arrays
+    from vhmn.loader import DeviceLoader
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(10, 32, 32, 3), dtype=np.uint8)
+    info = DATASETS["cifar10"]
+    x_loader = next(iter(DeviceLoader(images, np.zeros(10, dtype=np.int64), 10, train=False, mean=info.mean, std=info.std)))[0]
+    torch.testing.assert_close(normalize_images(images), x_loader)
+    torch.manual_seed(0)
+    model = vhmn.create_model("vhmn_test", drop_path=0.5).train()
+    with torch.no_grad():
+        expected = model.eval()(normalize_images(images)).argmax(-1).numpy()
+    model.train()
+    for batch in (3, 10, 250):
+        assert (predict_arrays(model, images, batch_size=batch) == expected).all()
+    assert model.training
+    assert predict_arrays(model, images[:0]).shape == (0,)
+    for bad in (images.astype(np.float32), images[0], images.transpose(0, 3, 1, 2), torch.from_numpy(images)):
+        with pytest.raises(ValueError, match="uint8 numpy array of images"):
+            normalize_images(bad)

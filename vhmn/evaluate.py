@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointDir, CheckpointError, load_pretrained, read_weights
 from .provenance import collect
 
-__all__ = ["resolve_weights", "evaluate_model", "main"]
+__all__ = ["resolve_weights", "normalize_images", "predict_arrays", "evaluate_model", "main"]
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -35,6 +35,37 @@ def resolve_weights(path: str | Path) -> Path:
     if (p / "model-fp16.safetensors").is_file():
         return p / "model-fp16.safetensors"
     raise CheckpointError(f"{path}: not a .safetensors file, a run folder or a checkpoint folder (no latest.json)")
+
+
+def normalize_images(images, dataset: str = "cifar10") -> torch.Tensor:
+    """uint8 images (n, H, W, 3), as :func:`vhmn.data.load_arrays` returns them → float32 (n, 3, H, W), scaled to
+    [0, 1] and normalised by the dataset's mean and std: what the training loader feeds the model."""
+    import numpy as np
+
+    from .data import DATASETS
+
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        got = f"{type(images).__name__} {getattr(images, 'dtype', '')} of shape {tuple(getattr(images, 'shape', ()))}"
+        raise ValueError(f"expected a uint8 numpy array of images (n, H, W, 3), got {got}; "
+                         "load them with vhmn.data.load_arrays, or convert with np.asarray(images, dtype=np.uint8)")
+    info = DATASETS[dataset]
+    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
+    return (torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2) - mean) / std
+
+
+@torch.no_grad()
+def predict_arrays(model: torch.nn.Module, images, dataset: str = "cifar10", batch_size: int = 250):
+    """The predicted classes (n,) int64 numpy of uint8 images (n, H, W, 3), in eval mode, ``batch_size`` at a time
+    (the same batches give the same predictions bit for bit: the robustness results store them)."""
+    import numpy as np
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(normalize_images(images[s : s + batch_size], dataset)).argmax(-1) for s in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
 @torch.no_grad()
