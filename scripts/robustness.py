@@ -36,14 +36,16 @@ from vhmn.evaluate import predict_arrays
 from vhmn.provenance import collect
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINED = {0: "vhmn_T0", 1: "vhmn_T1", 2: "vhmn_s0", 3: "vhmn_T3"}
-REFERENCE = "vhmn_s0"  # the committed checkpoint
-GROUP = "cpu10"
-# --protocol long: the converged protocol's chosen V-HMN (scripts/cpu_experiments.py CHOSEN, the readout m(s_T)),
-# trained with T = 0..3 (seed 0), the same config but for refine_steps.
-LONG = {"trained": {0: "vhmn_window5rpin_wrlv_pe_desc_pred_T0_s0", 1: "vhmn_window5rpin_wrlv_pe_desc_pred_T1_s0",
-                    2: "vhmn_window5rpin_wrlv_pe_desc_pred_s0", 3: "vhmn_window5rpin_wrlv_pe_desc_pred_T3_s0"},
-        "reference": "vhmn_window5rpin_wrlv_pe_desc_pred_s0", "group": "cpu10long"}
+# --protocol → the runs of the models trained with T = 0..3 (seed 0, the same config but for refine_steps), the
+# committed checkpoint (trained with T = 2, also evaluated with the other T), and their results group.
+# 16: the 16-epoch default V-HMN; long: the converged protocol's chosen V-HMN (scripts/cpu_experiments.py CHOSEN,
+# the readout m(s_T)).
+PROTOCOLS = {
+    "16": {"trained": {0: "vhmn_T0", 1: "vhmn_T1", 2: "vhmn_s0", 3: "vhmn_T3"}, "reference": "vhmn_s0", "group": "cpu10"},
+    "long": {"trained": {0: "vhmn_window5rpin_wrlv_pe_desc_pred_T0_s0", 1: "vhmn_window5rpin_wrlv_pe_desc_pred_T1_s0",
+                         2: "vhmn_window5rpin_wrlv_pe_desc_pred_s0", 3: "vhmn_window5rpin_wrlv_pe_desc_pred_T3_s0"},
+             "reference": "vhmn_window5rpin_wrlv_pe_desc_pred_s0", "group": "cpu10long"},
+}
 RECHECK = [("clean", 0), ("gaussian_noise", 3), ("occlusion", 3)]  # conditions whose predictions are stored
 
 
@@ -53,12 +55,14 @@ def eval_slice(images: int, labels: np.ndarray) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(10)]))
 
 
-def weights(run: str) -> Path:
-    for folder in (ROOT / "results" / GROUP / run, ROOT / "runs" / GROUP / run):
+def weights(run: str, group: str) -> Path:
+    """The run's fp16 weights: committed under results/<group>/, or left by training in runs/<group>/."""
+    for folder in (ROOT / "results" / group / run, ROOT / "runs" / group / run):
         if (folder / "model-fp16.safetensors").is_file():
             return folder / "model-fp16.safetensors"
-    raise FileNotFoundError(f"no fp16 weights for {run} in results/{GROUP}/ or runs/{GROUP}/: run scripts/cpu_experiments.py"
-                            f"{' --protocol long' if GROUP == 'cpu10long' else ''} first")
+    protocol = next(k for k, v in PROTOCOLS.items() if v["group"] == group)
+    raise FileNotFoundError(f"no fp16 weights for {run} in results/{group}/ or runs/{group}/: run scripts/cpu_experiments.py"
+                            f"{'' if protocol == '16' else ' --protocol ' + protocol} first")
 
 
 def conditions(x: np.ndarray):
@@ -86,21 +90,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="16: the 16-epoch default V-HMN (results/cpu10); long: the converged protocol's chosen V-HMN")
     ap.add_argument("--out", default=None, help="default results/robustness/cpu10.json (cpu10long.json with --protocol long)")
     args = ap.parse_args(argv)
-    global TRAINED, REFERENCE, GROUP
-    if args.protocol == "long":
-        TRAINED, REFERENCE, GROUP = LONG["trained"], LONG["reference"], LONG["group"]
-    args.out = args.out or str(ROOT / "results" / "robustness" / f"{GROUP}.json")
+    proto = PROTOCOLS[args.protocol]
+    trained, reference, group = proto["trained"], proto["reference"], proto["group"]
+    args.out = args.out or str(ROOT / "results" / "robustness" / f"{group}.json")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     test_x, test_y = load_arrays("cifar10", "test")
     idx = eval_slice(args.images, test_y)
     x, y = test_x[idx], test_y[idx]
 
-    settings = {f"trained_T{t}": (run, None) for t, run in TRAINED.items()}
-    settings.update({f"evaluated_T{t}": (REFERENCE, t) for t in range(4) if t != 2})  # T = 2 is trained_T2
+    settings = {f"trained_T{t}": (run, None) for t, run in trained.items()}
+    settings.update({f"evaluated_T{t}": (reference, t) for t in range(4) if t != 2})  # T = 2 is trained_T2
     models = {}
     for key, (run, steps) in settings.items():
-        m = load_pretrained(weights(run))
+        m = load_pretrained(weights(run, group))
         models[key] = with_steps(m, steps) if steps is not None else m
     acc: dict[str, dict[str, list[float]]] = {k: {} for k in models}
     stored: dict[str, list[int]] = {}
@@ -116,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         "images": {"n": len(idx), "rule": "first n/10 test images of every class", "indices": idx.tolist()},
         "conditions": {"corruptions": list(CORRUPTIONS), "severities": [1, 2, 3, 4, 5], "occlusion": "vhmn.corruptions.occlude",
                        "seed": 0, "note": "CIFAR-10-C-style corruptions regenerated locally (vhmn.corruptions), not the released files"},
-        "models": {k: {"run": run, "weights": str(weights(run).relative_to(ROOT)), "refine_steps": models[k].cfg.refine_steps,
-                       "trained_refine_steps": json.loads((ROOT / "results" / GROUP / run / "results.json").read_text())["model"]["config"]["refine_steps"]}
+        "models": {k: {"run": run, "weights": str(weights(run, group).relative_to(ROOT)), "refine_steps": models[k].cfg.refine_steps,
+                       "trained_refine_steps": json.loads((ROOT / "results" / group / run / "results.json").read_text())["model"]["config"]["refine_steps"]}
                    for k, (run, _) in settings.items()},
         "accuracy": acc,  # setting → condition → [clean at index 0 for "clean"; severities 1..5 at 1..5]
-        "reference_predictions": {"setting": "trained_T2", "run": REFERENCE, "predictions": stored},
+        "reference_predictions": {"setting": "trained_T2", "run": reference, "predictions": stored},
         "provenance": {**collect(torch.device("cpu")), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                        "wall_time_s": round(time.time() - t0, 1), "command": "python scripts/robustness.py " + " ".join(argv or sys.argv[1:])},
     }

@@ -65,3 +65,26 @@ def test_predict_arrays_normalises_like_the_loader_and_predicts_in_eval_mode():
     for bad in (images.astype(np.float32), images[0], images.transpose(0, 3, 1, 2), torch.from_numpy(images)):
         with pytest.raises(ValueError, match="uint8 numpy array of images"):
             normalize_images(bad)
+
+
+@pytest.mark.parametrize("protocol", ["16", "long"])
+def test_each_protocols_models_differ_only_in_their_refinement_steps(rb, protocol):
+    """--protocol 16 / long: the four committed runs trained with T = 0..3 have the same model config but for
+    refine_steps, and the reference checkpoint (evaluated with every T) is the one trained with T = 2."""
+    import json
+
+    p = rb.PROTOCOLS[protocol]
+    cfgs = {t: json.loads((rb.ROOT / "results" / p["group"] / run / "results.json").read_text())["model"]["config"]
+            for t, run in p["trained"].items()}
+    assert {t: c["refine_steps"] for t, c in cfgs.items()} == {0: 0, 1: 1, 2: 2, 3: 3}
+    strip = lambda c: {k: v for k, v in c.items() if k != "refine_steps"}  # noqa: E731
+    assert all(strip(c) == strip(cfgs[2]) for c in cfgs.values())
+    assert p["trained"][2] == p["reference"]
+    assert (rb.ROOT / "results" / p["group"] / p["reference"] / "model-fp16.safetensors").is_file()
+
+
+def test_missing_weights_name_the_command_that_trains_them(rb):
+    with pytest.raises(FileNotFoundError, match=r"scripts/cpu_experiments.py --protocol long first"):
+        rb.weights("no_such_run", "cpu10long")
+    with pytest.raises(FileNotFoundError, match=r"scripts/cpu_experiments.py first"):
+        rb.weights("no_such_run", "cpu10")
