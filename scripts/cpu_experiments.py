@@ -303,6 +303,18 @@ def evaluate(run: str) -> None:
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def keep_outputs(run: str, fresh: bool = False) -> None:
+    """What a completed run leaves in results/ besides its results.json: the fp16 weights of the checkpoint run, and
+    the evaluation of the runs in EVALUATED. fresh (the run has just trained): write both anew; otherwise (a run
+    completed by an earlier sitting) only what is missing, as long as its weights are still in runs/."""
+    weights = RUNS / run / "model-fp16.safetensors"
+    if run == CHECKPOINT_RUN and weights.is_file() and (fresh or not (RESULTS / run / "model-fp16.safetensors").is_file()):
+        shutil.copy2(weights, RESULTS / run / "model-fp16.safetensors")
+    have = weights.is_file() or (RESULTS / run / "model-fp16.safetensors").is_file()
+    if run in EVALUATED and have and (fresh or not (RESULTS / run / "eval-cifar10.json").is_file()):
+        evaluate(run)
+
+
 def execute(run: str, experiment: str, seed: int, overrides: list[str]) -> str:
     out = RUNS / run
     t0 = time.time()
@@ -320,10 +332,7 @@ def execute(run: str, experiment: str, seed: int, overrides: list[str]) -> str:
     dest = RESULTS / run
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(out / "results.json", dest / "results.json")
-    if run == CHECKPOINT_RUN:
-        shutil.copy2(out / "model-fp16.safetensors", dest / "model-fp16.safetensors")
-    if run in EVALUATED:
-        evaluate(run)
+    keep_outputs(run, fresh=True)
     acc = json.loads((dest / "results.json").read_text())["final"]["test_acc"]
     return f"{run}: test accuracy {acc:.4f} ({time.time() - t0:.0f} s)"
 
@@ -383,10 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in pool.map(job, todo):
             print(line, flush=True)
     for run in EVALUATED:  # completed by an earlier sitting that did not keep its weights or evaluate it
-        if done(run) and run == CHECKPOINT_RUN and not (RESULTS / run / "model-fp16.safetensors").is_file() and (RUNS / run / "model-fp16.safetensors").is_file():
-            shutil.copy2(RUNS / run / "model-fp16.safetensors", RESULTS / run / "model-fp16.safetensors")
-        if done(run) and not (RESULTS / run / "eval-cifar10.json").is_file() and (RUNS / run / "model-fp16.safetensors").is_file():
-            evaluate(run)
+        if done(run):
+            keep_outputs(run)
     return 0
 
 

@@ -76,3 +76,25 @@ def test_a_deadline_earlier_in_the_day_is_the_next_days(ce, monkeypatch, capsys)
     assert ce.main(["--protocol", "longlt", "--runs", first, "--deadline", "01:30"]) == 0 and started == [first]
     assert ce.main(["--protocol", "longlt", "--runs", first, "--deadline", "23:30"]) == 0 and started == [first]
     assert "not started (deadline 23:30 UTC passed)" in capsys.readouterr().out
+
+
+def test_keep_outputs_copies_the_checkpoint_and_evaluates_fresh_runs_and_backfills_old_ones(ce, tmp_path, monkeypatch):
+    """A run that has just trained leaves its fp16 weights (the checkpoint run) and its evaluation (EVALUATED) in
+    results/, replacing older ones; a run completed earlier gets only what is missing."""
+    ce.RESULTS, ce.RUNS = tmp_path / "results", tmp_path / "runs"
+    ce.CHECKPOINT_RUN, ce.EVALUATED = "a_s0", ("a_s0", "b_s0")
+    evaluated = []
+    monkeypatch.setattr(ce, "evaluate", lambda run: evaluated.append(run) or (ce.RESULTS / run / "eval-cifar10.json").write_text("{}"))
+    for run in ("a_s0", "b_s0", "c_s0"):
+        (ce.RUNS / run).mkdir(parents=True)
+        (ce.RUNS / run / "model-fp16.safetensors").write_bytes(b"new")
+        (ce.RESULTS / run).mkdir(parents=True)
+    (ce.RESULTS / "a_s0" / "model-fp16.safetensors").write_bytes(b"old")
+    for run in ("a_s0", "b_s0", "c_s0"):
+        ce.keep_outputs(run)  # backfill: a's weights and both evaluations exist afterwards, nothing replaced
+    assert (ce.RESULTS / "a_s0" / "model-fp16.safetensors").read_bytes() == b"old" and evaluated == ["a_s0", "b_s0"]
+    assert not (ce.RESULTS / "b_s0" / "model-fp16.safetensors").exists() and not (ce.RESULTS / "c_s0" / "eval-cifar10.json").exists()
+    ce.keep_outputs("a_s0")
+    assert evaluated == ["a_s0", "b_s0"]  # already there: not again
+    ce.keep_outputs("a_s0", fresh=True)
+    assert (ce.RESULTS / "a_s0" / "model-fp16.safetensors").read_bytes() == b"new" and evaluated == ["a_s0", "b_s0", "a_s0"]
