@@ -158,9 +158,12 @@ def test_hybrid_writes_token_states_with_provenance():
         assert_close(local.memory.bank[slot], captured["s"][img, prov["position"][slot]])
 
 
-def test_config_rejects_rel_pos_in_bank_mode():
-    with pytest.raises(ValueError, match="rel_pos"):
-        create_model("vhmn_test", rel_pos=True)
+@pytest.mark.parametrize("option", ["rel_pos", "window_descriptor", "query_descriptor", "offset_gain"])
+def test_config_rejects_the_neighbours_options_in_bank_mode(option):
+    """Options of the k×k neighbours as stored patterns are refused in bank mode (which has none), not ignored."""
+    with pytest.raises(ValueError, match=f"{option} acts on the k×k neighbours"):
+        create_model("vhmn_test", **{option: True})
+    create_model("vhmn_test", local_mode="window", **{option: True})  # where they apply
 
 
 def test_effective_slots_and_diagnostics_by_hand():

@@ -125,7 +125,7 @@ class VHMNConfig:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
         if self.global_label_values and (self.memory != "episodic" or not self.global_memory):
             raise ValueError("global_label_values reads the labels stored with episodic slots: needs memory='episodic' and global_memory")
-        for name in ("rel_pos", "window_descriptor", "query_descriptor"):  # options of the k×k neighbours as stored patterns
+        for name in ("rel_pos", "window_descriptor", "query_descriptor", "offset_gain"):  # options of the k×k neighbours as stored patterns
             if getattr(self, name) and self.local_mode == "bank":
                 raise ValueError(f"{name} acts on the k×k neighbours of local_mode 'window' or 'hybrid'; bank mode has none")
         if self.refine_steps < 0 or not 0 < self.refine_rate <= 1:
