@@ -248,9 +248,15 @@ def plan_split(split: str, seeds: tuple[int, ...] = (0, 1, 2)) -> list[tuple[str
                                                 (f"vit_s{seed}", f"cifar10_{split}_cpulong_vit", seed, []))]
 
 
-# --protocol → (results/ and runs/ folder, the converged protocol's split or None for the 16-epoch one)
-PROTOCOLS = {"16": ("cpu10", None), "long": ("cpu10long", "frac10"), "long20": ("cpu20long", "frac20"),
-             "longlt": ("cpult100long", "lt100")}
+# --protocol → (results/ and runs/ folder, the converged protocol's split or None for the 16-epoch one, the run whose
+# fp16 weights are committed, the runs evaluated after training into eval-cifar10.json)
+PROTOCOLS = {
+    "16": ("cpu10", None, CHECKPOINT_RUN, EVALUATED),
+    # the converged protocol's checkpoint: the chosen V-HMN, seed 0 (cpu10long/vhmn_s0, the old default's, stays)
+    "long": ("cpu10long", "frac10", f"{CHOSEN}_s0", (f"{CHOSEN}_s0",)),
+    "long20": ("cpu20long", "frac20", None, ()),
+    "longlt": ("cpult100long", "lt100", None, (f"{CHOSEN}_s0", "vit_s0")),  # the long-tailed runs' per-class accuracy
+}
 
 
 def plan(only: str | None, protocol: str = "16") -> list[tuple[str, str, int, list[str]]]:
@@ -352,14 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     global RESULTS, RUNS, CHECKPOINT_RUN, EVALUATED
-    if args.protocol != "16":
-        folder = PROTOCOLS[args.protocol][0]
-        RESULTS, RUNS = ROOT / "results" / folder, ROOT / "runs" / folder
-        # the converged protocol's checkpoint: the chosen V-HMN, seed 0 (cpu10long/vhmn_s0, the old default's, stays)
-        CHECKPOINT_RUN = f"{CHOSEN}_s0" if args.protocol == "long" else None
-        EVALUATED = (CHECKPOINT_RUN,) if CHECKPOINT_RUN else ()
-        if args.protocol == "longlt":  # the long-tailed runs' per-class accuracy (eval-cifar10.json), seed 0
-            EVALUATED = (f"{CHOSEN}_s0", "vit_s0")
+    folder, _, CHECKPOINT_RUN, EVALUATED = PROTOCOLS[args.protocol]
+    RESULTS, RUNS = ROOT / "results" / folder, ROOT / "runs" / folder
     todo = [item for item in plan(args.only, args.protocol) if item[0] not in args.skip]
     if args.runs is not None:
         unknown = set(args.runs) - {item[0] for item in todo}
